@@ -1,0 +1,33 @@
+"""Shared models: MLP, CNN and ViT classifiers and a LLaMA-style byte LM.
+
+Every model is ``init(key, cfg) -> params`` and ``apply(params, x, cfg)`` over a
+Flax-compatible nested dict; configs are frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+import jax
+
+from core.models import cnn, lm, mlp, vit
+
+CLASSIFIERS: dict[str, ModuleType] = {"mlp": mlp, "cnn": cnn, "vit": vit}
+_CONFIGS = {"mlp": mlp.MLPConfig, "cnn": cnn.CNNConfig, "vit": vit.ViTConfig}
+
+
+def classifier_config(name: str, input_shape: tuple[int, ...], num_classes: int,
+                      **overrides: Any):
+  """A classifier config sized for the inputs; small images get smaller patches."""
+  if name not in CLASSIFIERS:
+    raise ValueError(f"Unknown classifier {name!r}; choose one of {', '.join(CLASSIFIERS)}.")
+  kwargs: dict[str, Any] = {"input_shape": tuple(input_shape), "num_classes": num_classes}
+  if name == "vit" and "patch" not in overrides:
+    kwargs["patch"] = 7 if input_shape[0] % 7 == 0 else 2
+  return _CONFIGS[name](**(kwargs | overrides))
+
+
+def num_params(params: Any) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,72 @@
+"""A small CNN classifier: [3x3 conv, ReLU, 2x2 max-pool] x n, then dense layers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from core.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class CNNConfig:
+  input_shape: tuple[int, ...] = (28, 28, 1)
+  channels: tuple[int, ...] = (16, 32)
+  hidden: tuple[int, ...] = (128,)
+  num_classes: int = 10
+
+  def __post_init__(self):
+    h, w, _ = self.input_shape
+    if min(h, w) // 2 ** len(self.channels) < 1:
+      raise ValueError(f"{len(self.channels)} pooling stages are too many for "
+                       f"{h}x{w} inputs")
+
+  @property
+  def flat_features(self) -> int:
+    h, w, _ = self.input_shape
+    s = 2 ** len(self.channels)
+    return (h // s) * (w // s) * self.channels[-1]
+
+
+def init(key: jax.Array, cfg: CNNConfig) -> dict:
+  keys = iter(jax.random.split(key, len(cfg.channels) + len(cfg.hidden) + 1))
+  params, cin = {}, cfg.input_shape[-1]
+  for i, cout in enumerate(cfg.channels):
+    params[f"conv_{i}"] = {"kernel": layers.normal_init(next(keys), (3, 3, cin, cout),
+                                                        9 * cin) * jnp.sqrt(2.0),
+                           "bias": jnp.zeros((cout,))}
+    cin = cout
+  widths = (cfg.flat_features, *cfg.hidden, cfg.num_classes)
+  for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    params[f"dense_{i}"] = {"kernel": layers.normal_init(next(keys), (a, b), a) * jnp.sqrt(2.0),
+                            "bias": jnp.zeros((b,))}
+  return params
+
+
+def conv2d(x_BxHxWxC: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  y = jax.lax.conv_general_dilated(x_BxHxWxC, kernel, (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y + bias
+
+
+def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
+  return jax.lax.reduce_window(x_BxHxWxC, -jnp.inf, jax.lax.max,
+                               (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def apply(params: dict, x: jax.Array, cfg: CNNConfig) -> jax.Array:
+  """Logits (B, num_classes) for images (B, H, W, C)."""
+  if tuple(x.shape[1:]) != tuple(cfg.input_shape):
+    raise ValueError(f"CNN expects inputs (B, {cfg.input_shape}), got {x.shape}")
+  h = x
+  for i in range(len(cfg.channels)):
+    h = max_pool_2x2(jax.nn.relu(conv2d(h, **params[f"conv_{i}"])))
+  h = h.reshape(h.shape[0], -1)
+  n = len(cfg.hidden) + 1
+  for i in range(n):
+    h = h @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"]
+    if i < n - 1:
+      h = jax.nn.relu(h)
+  return h
