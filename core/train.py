@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -136,7 +137,8 @@ def train(loss_fn: LossFn, params: PyTree, batch_fn: Callable[[int], dict],
   final_eval: dict = {}
   t_compiled, n_timed = None, 0
   bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=desc,
-             disable=not progress, dynamic_ncols=True)
+             disable=not progress, dynamic_ncols=True,
+             mininterval=0.1 if sys.stderr.isatty() else 10.0)
   for step in bar:
     state, metrics = train_step(state, batch_fn(step))
     done = step + 1

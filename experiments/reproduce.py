@@ -1,0 +1,37 @@
+"""The main job: every method's headline experiment, one report.
+
+  python -m experiments.reproduce            # quick mode (minutes)
+  python -m experiments.reproduce --full     # full mode (hours)
+
+Writes ``<outdir>/REPORT.md`` with tables and PNG plots under ``<outdir>/figures``.
+"""
+
+from absl import app, flags
+
+from core import baselines, report
+
+_FULL = flags.DEFINE_bool("full", False, "Run the full (slow) experiments.")
+_OUTDIR = flags.DEFINE_string("outdir", "results", "Where REPORT.md and figures go.")
+_ONLY = flags.DEFINE_list("only", [], "Run only these sections (default: all).")
+
+# Each method adds its (name, section function) here.
+SECTIONS: list[tuple[str, report.SectionFn]] = [
+    ("baselines", baselines.section),
+]
+
+
+def main(argv):
+  del argv
+  chosen = [(n, f) for n, f in SECTIONS if not _ONLY.value or n in _ONLY.value]
+  unknown = set(_ONLY.value) - {n for n, _ in SECTIONS}
+  if unknown:
+    raise app.UsageError(f"unknown sections {sorted(unknown)}; have {[n for n, _ in SECTIONS]}")
+  path = f"{_OUTDIR.value}/REPORT.md"
+  failed = report.write_report(path, chosen, quick=not _FULL.value, outdir=_OUTDIR.value)
+  print(f"wrote {path}" + (f"; FAILED sections: {failed}" if failed else ""))
+  if failed:
+    raise SystemExit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
