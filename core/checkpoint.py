@@ -36,12 +36,15 @@ class CheckpointManager:
     self._mngr.save(step, args=ocp.args.StandardSave(state), force=True)
     self._mngr.wait_until_finished()
 
-  def restore(self, like: PyTree, step: int | None = None) -> tuple[int, PyTree] | None:
-    """(step, state) of ``step`` (default: latest), shaped like ``like``; None if empty."""
+  def restore(self, like: PyTree | None, step: int | None = None
+              ) -> tuple[int, PyTree] | None:
+    """(step, state) of ``step`` (default: latest), shaped like ``like`` (None:
+    as saved, with NumPy leaves); None if there is no checkpoint."""
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    return step, self._mngr.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
+    target = _abstract(like) if like is not None else None
+    return step, self._mngr.restore(step, args=ocp.args.StandardRestore(target))
 
   def close(self) -> None:
     self._mngr.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ class CNNConfig:
     return (h // s) * (w // s) * self.channels[-1]
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one compile instead of one per leaf shape
 def init(key: jax.Array, cfg: CNNConfig) -> dict:
   keys = iter(jax.random.split(key, len(cfg.channels) + len(cfg.hidden) + 1))
   params, cin = {}, cfg.input_shape[-1]

@@ -20,6 +20,7 @@ so a sharded caller can all-reduce and add the bias once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -90,6 +91,7 @@ def _init_block(key: jax.Array, cfg: LMConfig) -> Params:
           "mlp_norm": {"scale": jnp.ones((d,))}, "mlp": mlp}
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one compile instead of one per leaf shape
 def init(key: jax.Array, cfg: LMConfig) -> Params:
   """Random parameters for ``cfg`` (float32)."""
   keys = jax.random.split(key, cfg.n_layers + 2)

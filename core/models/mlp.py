@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -26,6 +27,7 @@ class MLPConfig:
     return (math.prod(self.input_shape), *self.hidden, self.num_classes)
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one compile instead of one per leaf shape
 def init(key: jax.Array, cfg: MLPConfig) -> dict:
   widths = cfg.widths
   keys = jax.random.split(key, len(widths) - 1)

@@ -7,6 +7,7 @@ the same layout as the LM, so head-level surgery and sharding look alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,7 @@ def _ln(d: int) -> dict:
   return {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))}
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one compile instead of one per leaf shape
 def init(key: jax.Array, cfg: ViTConfig) -> dict:
   d, h, dh, f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff
   pdim = cfg.patch * cfg.patch * cfg.input_shape[-1]

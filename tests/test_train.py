@@ -1,0 +1,138 @@
+"""Training loop: learning happens, and resume after interruption (in-process
+and a real SIGKILL of the training binary) reaches the same parameters."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from core import checkpoint, data
+from core.models import mlp
+from core.recipes import train_classifier
+from core.train import TrainConfig, make_optimizer, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _digits_problem():
+  ds = data.load("digits")
+  cfg = mlp.MLPConfig(input_shape=(8, 8, 1), hidden=(32,))
+  apply_fn = jax.jit(mlp.apply, static_argnums=2)
+
+  def loss_fn(params, batch):
+    logits = mlp.apply(params, batch["x"], cfg)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return ce, {"loss": ce}
+
+  return ds, cfg, loss_fn, apply_fn
+
+
+def test_training_learns_digits():
+  tcfg = TrainConfig(steps=300, batch_size=32, lr=3e-3, warmup_steps=10, log_every=10)
+  res = train_classifier("digits", "mlp", tcfg, progress=False, hidden=(32,))
+  assert res.metrics["accuracy"] > 0.9  # chance is 0.1
+  losses = [r["loss"] for r in res.history if r["split"] == "train"]
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path):
+  ds, cfg, loss_fn, _ = _digits_problem()
+  tcfg = TrainConfig(steps=30, batch_size=16, lr=1e-2, warmup_steps=5, ckpt_every=10,
+                     log_every=5)
+  batch_fn = lambda s: data.image_batch(ds, 16, 0, s)
+  p0 = mlp.init(jax.random.key(0), cfg)
+  ref = train(loss_fn, p0, batch_fn, tcfg, progress=False)
+
+  wd = str(tmp_path / "run")
+  first = train(loss_fn, p0, batch_fn, tcfg, workdir=wd, progress=False, stop_after=17)
+  assert first.resumed_from is None
+  second = train(loss_fn, p0, batch_fn, tcfg, workdir=wd, progress=False)
+  assert second.resumed_from == 10  # the last checkpoint before the stop at 17
+  chex.assert_trees_all_equal(second.params, ref.params)
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    steps = [json.loads(l)["step"] for l in f]
+  assert steps == sorted(steps) and len(steps) == len(set(steps)) == 6  # 5,10,...,30
+  # The unfinished part of the first run did not change what the second logged.
+  assert [r["loss"] for r in second.history] == pytest.approx(
+      [r["loss"] for r in ref.history], rel=1e-6)
+
+
+def test_resuming_a_finished_run_returns_its_params(tmp_path):
+  ds, cfg, loss_fn, apply_fn = _digits_problem()
+  tcfg = TrainConfig(steps=10, batch_size=8, warmup_steps=1, ckpt_every=5)
+  batch_fn = lambda s: data.image_batch(ds, 8, 0, s)
+  p0 = mlp.init(jax.random.key(0), cfg)
+  a = train(loss_fn, p0, batch_fn, tcfg, workdir=str(tmp_path), progress=False)
+  b = train(loss_fn, p0, batch_fn, tcfg, workdir=str(tmp_path), progress=False,
+            eval_fn=lambda p: {"acc": jnp.mean(apply_fn(p, ds.x_test, cfg).argmax(-1) == ds.y_test)})
+  assert b.resumed_from == 10 and "acc" in b.final_eval
+  chex.assert_trees_all_equal(a.params, b.params)
+
+
+def test_weight_decay_skips_vectors():
+  tcfg = TrainConfig(steps=10, lr=0.1, warmup_steps=0, weight_decay=0.5, grad_clip=0)
+  params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+  opt = make_optimizer(tcfg)
+  zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+  updates, _ = opt.update(zero, opt.init(params), params)
+  # Step 0 of the schedule has lr = peak (no warmup); only the matrix decays.
+  np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_array_equal(updates["b"], 0.0)
+
+
+def test_bad_train_config_is_rejected():
+  with pytest.raises(ValueError, match="warmup_steps"):
+    TrainConfig(steps=10, warmup_steps=20)
+  with pytest.raises(ValueError, match="lr"):
+    TrainConfig(lr=0.0)
+
+
+def test_pytree_checkpoint_roundtrip_is_bit_exact(tmp_path):
+  tree = {"a": jax.random.normal(jax.random.key(0), (3, 4)), "b": {"c": jnp.arange(5)}}
+  checkpoint.save_pytree(str(tmp_path / "p"), tree)
+  chex.assert_trees_all_equal(checkpoint.load_pytree(str(tmp_path / "p"), like=tree), tree)
+  with pytest.raises(FileNotFoundError):
+    checkpoint.load_pytree(str(tmp_path / "missing"))
+
+
+def _run_binary(workdir, steps=60, kill_after_ckpt=None):
+  cmd = [sys.executable, "-m", "experiments.train_classifier", "--dataset=digits",
+         "--model=mlp", f"--steps={steps}", "--batch_size=16", "--ckpt_every=20",
+         f"--workdir={workdir}"]
+  env = dict(os.environ, JAX_THREEFRY_PARTITIONABLE="false")
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, start_new_session=True)
+  if kill_after_ckpt is None:
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    return
+  ckpt = os.path.join(workdir, "checkpoints", str(kill_after_ckpt))
+  deadline = time.monotonic() + 120
+  while not os.path.exists(ckpt) and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.02)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert os.path.exists(ckpt), "the run never wrote its first checkpoint"
+
+
+def test_sigkilled_binary_resumes_to_the_same_result(tmp_path):
+  ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+  _run_binary(ref)
+  _run_binary(killed, kill_after_ckpt=20)
+  assert not os.path.exists(os.path.join(killed, "summary.json"))  # really cut short
+  _run_binary(killed)
+  (step_a, a), (step_b, b) = (checkpoint.CheckpointManager(os.path.join(d, "checkpoints"))
+                              .restore(None) for d in (ref, killed))
+  assert step_a == step_b == 60
+  chex.assert_trees_all_equal(a["params"], b["params"])
+  with open(os.path.join(ref, "summary.json")) as fa, open(os.path.join(killed, "summary.json")) as fb:
+    assert json.load(fa)["metrics"]["accuracy"] == json.load(fb)["metrics"]["accuracy"]
