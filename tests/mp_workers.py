@@ -26,3 +26,9 @@ def fail_on(process: int, values: np.ndarray) -> dict:
   if jax.process_index() == process:
     raise ValueError(f"deliberate failure in process {process}")
   return psum_rows(values)
+
+
+def hang(seconds: float) -> None:
+  """Never returns within a test's patience (a stuck worker)."""
+  import time
+  time.sleep(seconds)

@@ -1,0 +1,45 @@
+# Two entry points for a fresh machine: `make reproduce` and `make test`.
+# Both create the virtual environment (.venv) and fetch offline data first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+.PHONY: env data test test-all reproduce reproduce-full clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist (best effort: without
+# root or apt the loader says how to get it, and its tests skip).
+data:
+	@if [ ! -f $(FASHION) ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	      || echo "warning: could not install dataset-fashion-mnist"; \
+	  else \
+	    echo "note: 'sudo apt-get install dataset-fashion-mnist' enables fashion_mnist"; \
+	  fi; \
+	fi
+
+test: env data
+	$(PY) -m pytest -q
+
+test-all: env data
+	$(PY) -m pytest -q -m ""
+
+reproduce: env data
+	$(PY) -m experiments.reproduce --outdir results
+
+reproduce-full: env data
+	$(PY) -m experiments.reproduce --full --outdir results_full
+
+clean:
+	rm -rf $(VENV) results results_full .pytest_cache *.egg-info
