@@ -150,7 +150,7 @@ def train(loss_fn: LossFn, params: PyTree, batch_fn: Callable[[int], dict],
     if done % cfg.log_every == 0 or done == cfg.steps:
       m = _to_floats(metrics)
       log.write({"step": done, "split": "train", **m})
-      bar.set_postfix(loss=f"{m['loss']:.4f}")
+      bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
     if eval_fn is not None and (done == cfg.steps or
                                 (cfg.eval_every and done % cfg.eval_every == 0)):
       final_eval = _to_floats(eval_fn(state["params"]))

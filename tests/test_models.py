@@ -7,57 +7,13 @@ import numpy as np
 import pytest
 
 from core.models import CLASSIFIERS, classifier_config, cnn, lm, mlp, vit
+from tests import np_reference
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # Jitted entry points: eager op-by-op dispatch would dominate the test time.
 lm_apply = jax.jit(lm.apply, static_argnums=2)
 lm_forward = jax.jit(lm.forward, static_argnums=2)
-
-
-def np_rms(x, s, eps=1e-6):
-  return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * s
-
-
-def np_rope(x_LxDh, positions, theta=10_000.0):
-  dh = x_LxDh.shape[-1]
-  half = dh // 2
-  freqs = theta ** (-np.arange(half) * 2.0 / dh)
-  ang = positions[:, None] * freqs[None]
-  x1, x2 = x_LxDh[:, :half], x_LxDh[:, half:]
-  return np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang),
-                         x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
-
-
-def np_lm(params, tokens, cfg):
-  """Straightforward per-sequence, per-head NumPy LLaMA forward."""
-  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
-  out = []
-  for seq in tokens:
-    L = len(seq)
-    x = p["embed"]["embedding"][seq]
-    pos = np.arange(L, dtype=np.float64)
-    for i in range(cfg.n_layers):
-      b = p[f"block_{i}"]
-      h = np_rms(x, b["attn_norm"]["scale"])
-      attn = np.zeros_like(x)
-      group = cfg.n_heads // cfg.kv_heads
-      for head in range(cfg.n_heads):
-        kvh = head // group
-        q = np_rope(h @ b["attn"]["wq"][:, head], pos)
-        k = np_rope(h @ b["attn"]["wk"][:, kvh], pos)
-        v = h @ b["attn"]["wv"][:, kvh]
-        s = q @ k.T / np.sqrt(cfg.head_dim)
-        s = np.where(np.tril(np.ones((L, L))) > 0, s, -np.inf)
-        w = np.exp(s - s.max(-1, keepdims=True))
-        w /= w.sum(-1, keepdims=True)
-        attn += (w @ v) @ b["attn"]["wo"][head]
-      y = x + attn
-      m = np_rms(y, b["mlp_norm"]["scale"])
-      g = m @ b["mlp"]["w_gate"]
-      x = y + ((g / (1 + np.exp(-g))) * (m @ b["mlp"]["w_up"])) @ b["mlp"]["w_down"]
-    out.append(np_rms(x, p["final_norm"]["scale"]) @ p["unembed"]["kernel"])
-  return np.stack(out)
 
 
 SMALL = dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=16)
@@ -70,7 +26,7 @@ def test_lm_matches_numpy_reference(n_kv_heads):
   tokens = np.random.default_rng(0).integers(0, 256, (2, 12))
   logits = lm_apply(params, jnp.asarray(tokens), cfg)
   chex.assert_shape(logits, (2, 12, 256))
-  np.testing.assert_allclose(logits, np_lm(params, tokens, cfg), atol=2e-4, rtol=1e-4)
+  np.testing.assert_allclose(logits, np_reference.lm_logits(params, tokens, cfg), atol=2e-4, rtol=1e-4)
 
 
 def test_lm_param_layout_is_head_explicit():

@@ -1,0 +1,56 @@
+"""Head-to-device assignment for the tensor-parallel LM.
+
+A ``HeadPerm`` gives, per block, an order of the KV-head groups (for plain
+multi-head attention a group is one head; with grouped KV heads it is one KV
+head plus its H/K query heads, which must stay together). After permuting,
+device d of N holds the groups at positions [d*K/N, (d+1)*K/N) of that order.
+The dense model is invariant to the permutation; an SPD block is not, since
+each device's MLP only sees its own heads' outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from core.models import lm
+
+HeadPerm = Sequence[Sequence[int]]  # one order of the KV groups per block
+
+
+def identity(cfg: lm.LMConfig) -> list[np.ndarray]:
+  return [np.arange(cfg.kv_heads) for _ in range(cfg.n_layers)]
+
+
+def query_order(group_perm: Sequence[int], cfg: lm.LMConfig) -> np.ndarray:
+  """Query-head order implied by an order of KV groups."""
+  g = cfg.n_heads // cfg.kv_heads
+  return (np.asarray(group_perm)[:, None] * g + np.arange(g)[None]).reshape(-1)
+
+
+def check(head_perm: HeadPerm, cfg: lm.LMConfig) -> None:
+  if len(head_perm) != cfg.n_layers:
+    raise ValueError(f"head permutation covers {len(head_perm)} blocks, model has "
+                     f"{cfg.n_layers}")
+  for i, perm in enumerate(head_perm):
+    if sorted(np.asarray(perm).tolist()) != list(range(cfg.kv_heads)):
+      raise ValueError(f"block {i}: {list(perm)} is not a permutation of the "
+                       f"{cfg.kv_heads} KV-head groups")
+
+
+def permute_heads(params: Any, cfg: lm.LMConfig, head_perm: HeadPerm) -> Any:
+  """Returns params with each block's heads reordered (a new pytree)."""
+  check(head_perm, cfg)
+  out = dict(params)
+  for i, perm in enumerate(head_perm):
+    key = lm.block_key(i)
+    kv_idx = np.asarray(perm)
+    q_idx = query_order(perm, cfg)
+    a = dict(params[key]["attn"])
+    a["wq"], a["wk"], a["wv"] = a["wq"][:, q_idx], a["wk"][:, kv_idx], a["wv"][:, kv_idx]
+    a["wo"] = a["wo"][q_idx]
+    if "bq" in a:
+      a["bq"], a["bk"], a["bv"] = a["bq"][q_idx], a["bk"][kv_idx], a["bv"][kv_idx]
+    out[key] = dict(params[key], attn=a)
+  return out

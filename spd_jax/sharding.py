@@ -1,0 +1,86 @@
+"""The one place that maps LM parameter paths to PartitionSpecs (Megatron TP).
+
+Column-parallel (split the output features): Q/K/V over heads, MLP gate/up
+over hidden units. Row-parallel (split the input features, all-reduce the
+output): attention out-projection over heads, MLP down over hidden units.
+Everything else -- embeddings, norms, row-parallel output biases, the
+unembedding -- is replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from core.models.lm import LMConfig
+
+TP = "tp"  # the tensor-parallel mesh axis
+
+_SPECS = {
+    # attention, column-parallel over the head axis
+    "wq": P(None, TP, None), "wk": P(None, TP, None), "wv": P(None, TP, None),
+    "bq": P(TP, None), "bk": P(TP, None), "bv": P(TP, None),
+    # attention out-projection, row-parallel over heads
+    "wo": P(TP, None, None),
+    # MLP, column-parallel then row-parallel over hidden units
+    "w_gate": P(None, TP), "w_up": P(None, TP), "b_gate": P(TP), "b_up": P(TP),
+    "w_down": P(TP, None),
+}
+
+
+def check_tp_size(cfg: LMConfig, tp: int) -> None:
+  """Raises a clear error unless whole heads, KV heads and MLP units divide evenly."""
+  if tp < 1:
+    raise ValueError(f"tensor-parallel size must be >= 1, got {tp}")
+  problems = [f"{name}={n}" for name, n in (("n_heads", cfg.n_heads),
+                                            ("n_kv_heads", cfg.kv_heads),
+                                            ("d_ff", cfg.d_ff)) if n % tp]
+  if problems:
+    raise ValueError(f"TP size {tp} does not divide {', '.join(problems)}: every device "
+                     f"must hold whole heads, whole KV heads and an equal MLP slice")
+
+
+def param_spec(path: tuple, leaf: Any) -> P:
+  """PartitionSpec of one LM parameter, from its path in the pytree."""
+  name = getattr(path[-1], "key", None)
+  if len(path) >= 2 and getattr(path[-2], "key", None) in ("attn", "mlp") and name in _SPECS:
+    return _SPECS[name]
+  return P()
+
+
+def param_specs(params: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(param_spec, params)
+
+
+def cache_specs(cache: Any) -> Any:
+  """KV caches (B, S, K, Dh) are split over KV heads, like wk/wv."""
+  return jax.tree_util.tree_map(lambda _: P(None, None, TP, None), cache)
+
+
+def make_mesh(tp: int, devices: list | None = None) -> Mesh:
+  """A 1-D mesh over the first ``tp`` devices (Auto axis type, for shard_map)."""
+  devices = jax.devices() if devices is None else devices
+  if tp > len(devices):
+    raise ValueError(f"TP size {tp} needs {tp} devices; only {len(devices)} are visible")
+  return Mesh(np.array(devices[:tp]), (TP,))
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+  # make_array_from_callback works when the mesh spans several processes
+  # (each process fills only its own devices from its identical host copy).
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def shard_params(params: Any, mesh: Mesh) -> Any:
+  """Places ``params`` on ``mesh`` according to ``param_specs``."""
+  return jax.tree_util.tree_map(lambda x, s: _put(x, NamedSharding(mesh, s)),
+                                params, param_specs(params))
+
+
+def shard_cache(cache: Any, mesh: Mesh) -> Any:
+  return jax.tree_util.tree_map(lambda x, s: _put(x, NamedSharding(mesh, s)),
+                                cache, cache_specs(cache))

@@ -1,0 +1,173 @@
+"""Megatron-style tensor-parallel LM forward with droppable attention syncs (SPD).
+
+A block normally has two sync points, one all-reduce (``psum``) after the
+row-parallel attention out-projection and one after the row-parallel MLP down
+projection. An *SPD block* drops the first: device i keeps its partial
+attention output O_i, forms Y_i = X + O_i locally, runs its MLP shard on
+Norm(Y_i), and a single all-reduce carries both partial sums:
+
+    out = X + psum_i(O_i + Z_i) + b_o + b_down          (residual="sum")
+    out = psum_i((X + O_i) / N + Z_i) + b_o + b_down    (residual="mean", ablation)
+
+The attention contribution to the residual stream stays exact; only the MLP's
+input is approximate. Row-parallel biases are added once, after the psum.
+
+Shapes inside shard_map are per-device: H/N heads, K/N KV heads, F/N MLP units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from core.models import layers, lm
+from spd_jax import heads as heads_lib
+from spd_jax import sharding
+from spd_jax.sharding import TP
+
+RESIDUAL_MODES = ("sum", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncPlan:
+  """Per block: True where the attention all-reduce is dropped (an SPD block)."""
+  drop_attn: tuple[bool, ...]
+
+  @classmethod
+  def dense(cls, n_layers: int) -> "SyncPlan":
+    return cls((False,) * n_layers)
+
+  @classmethod
+  def drop_blocks(cls, n_layers: int, blocks: Sequence[int]) -> "SyncPlan":
+    bad = [b for b in blocks if not 0 <= b < n_layers]
+    if bad:
+      raise ValueError(f"block indices {bad} out of range for {n_layers} blocks")
+    return cls(tuple(i in set(blocks) for i in range(n_layers)))
+
+  @classmethod
+  def drop_last(cls, n_layers: int, k: int) -> "SyncPlan":
+    """Drops the attention syncs of the last ``k`` blocks (the paper's order)."""
+    if not 0 <= k <= n_layers:
+      raise ValueError(f"cannot drop {k} of {n_layers} blocks")
+    return cls.drop_blocks(n_layers, range(n_layers - k, n_layers))
+
+  @classmethod
+  def drop_fraction(cls, n_layers: int, fraction: float) -> "SyncPlan":
+    return cls.drop_last(n_layers, int(round(fraction * n_layers)))
+
+  @property
+  def n_layers(self) -> int:
+    return len(self.drop_attn)
+
+  @property
+  def n_dropped(self) -> int:
+    return sum(self.drop_attn)
+
+  @property
+  def all_reduces(self) -> int:
+    """All-reduces per forward pass: two per block, minus one per SPD block."""
+    return 2 * self.n_layers - self.n_dropped
+
+
+def tp_block(p: dict, x_BxLxD: jax.Array, pos: jax.Array, cfg: lm.LMConfig,
+             kv: dict | None, *, drop_attn_sync: bool, residual: str = "sum",
+             no_sync: bool = False) -> tuple[jax.Array, dict | None]:
+  """One block on one device's shard (call inside shard_map over ``TP``).
+
+  ``no_sync`` removes every psum: wrong output, used only as the latency
+  lower bound.
+  """
+  psum = (lambda a: a) if no_sync else functools.partial(jax.lax.psum, axis_name=TP)
+  bo = p["attn"].get("bo", 0.0)
+  b_down = p["mlp"].get("b_down", 0.0)
+  h = layers.rms_norm(x_BxLxD, p["attn_norm"]["scale"], cfg.norm_eps)
+  o_i, new_kv = lm.attention_partial(p["attn"], h, pos, cfg, kv)
+  if not drop_attn_sync:
+    y = x_BxLxD + psum(o_i) + bo
+    z_i = lm.mlp_partial(p["mlp"], layers.rms_norm(y, p["mlp_norm"]["scale"], cfg.norm_eps))
+    return y + psum(z_i) + b_down, new_kv
+  y_i = x_BxLxD + o_i + bo  # this device's heads only: the SPD approximation
+  z_i = lm.mlp_partial(p["mlp"], layers.rms_norm(y_i, p["mlp_norm"]["scale"], cfg.norm_eps))
+  if residual == "sum":
+    return x_BxLxD + psum(o_i + z_i) + bo + b_down, new_kv
+  n = jax.lax.axis_size(TP)
+  return psum((x_BxLxD + o_i) / n + z_i) + bo + b_down, new_kv
+
+
+def _local_forward(params, tokens_BxL, cache, pos, *, cfg, plan, residual, no_sync):
+  x = lm.embed(params, tokens_BxL)
+  new_cache = {} if cache is not None else None
+  for i in range(cfg.n_layers):
+    key = lm.block_key(i)
+    kv = cache[key] if cache is not None else None
+    x, new_kv = tp_block(params[key], x, pos, cfg, kv, drop_attn_sync=plan.drop_attn[i],
+                         residual=residual, no_sync=no_sync)
+    if cache is not None:
+      new_cache[key] = new_kv
+  return lm.unembed(params, x, cfg), new_cache
+
+
+def _check(cfg: lm.LMConfig, mesh: Mesh, plan: SyncPlan, residual: str) -> None:
+  sharding.check_tp_size(cfg, mesh.shape[TP])
+  if plan.n_layers != cfg.n_layers:
+    raise ValueError(f"sync plan has {plan.n_layers} blocks, model has {cfg.n_layers}")
+  if residual not in RESIDUAL_MODES:
+    raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {residual!r}")
+
+
+def make_forward(cfg: lm.LMConfig, mesh: Mesh, plan: SyncPlan | None = None, *,
+                 residual: str = "sum", with_cache: bool = False, no_sync: bool = False
+                 ) -> Callable[..., Any]:
+  """A jitted TP forward over ``mesh``.
+
+  Without cache: ``f(params, tokens) -> logits``. With cache:
+  ``f(params, tokens, cache, pos) -> (logits, cache)`` for prefill and decode.
+  ``params`` must be placed by ``prepare_params``; logits come back replicated.
+  """
+  plan = plan or SyncPlan.dense(cfg.n_layers)
+  _check(cfg, mesh, plan, residual)
+  p_specs = sharding.param_specs(jax.eval_shape(lm.init, jax.random.key(0), cfg))
+  body = functools.partial(_local_forward, cfg=cfg, plan=plan, residual=residual,
+                           no_sync=no_sync)
+  # Without syncs the logits differ per device; skip the replication check.
+  check_vma = not no_sync
+  if with_cache:
+    c_specs = sharding.cache_specs(lm.init_cache(cfg, 1, 1))
+    f = jax.shard_map(body, mesh=mesh, in_specs=(p_specs, P(), c_specs, P()),
+                      out_specs=(P(), c_specs), check_vma=check_vma)
+    return jax.jit(f)
+  f = jax.shard_map(lambda prm, tok: body(prm, tok, None, jnp.asarray(0, jnp.int32))[0],
+                    mesh=mesh, in_specs=(p_specs, P()), out_specs=P(), check_vma=check_vma)
+  return jax.jit(f)
+
+
+def prepare_params(params: Any, cfg: lm.LMConfig, mesh: Mesh,
+                   head_perm: heads_lib.HeadPerm | None = None) -> Any:
+  """Applies a head-to-device assignment (see ``heads``) and shards the params.
+
+  A permutation of heads leaves the dense model's function unchanged; under
+  SPD it decides which heads' outputs each device's MLP sees.
+  """
+  sharding.check_tp_size(cfg, mesh.shape[TP])
+  if head_perm is not None:
+    params = heads_lib.permute_heads(params, cfg, head_perm)
+  return sharding.shard_params(params, mesh)
+
+
+def init_cache(cfg: lm.LMConfig, mesh: Mesh, batch: int, max_len: int | None = None) -> Any:
+  """An empty KV cache split over KV heads on ``mesh``."""
+  return sharding.shard_cache(lm.init_cache(cfg, batch, max_len), mesh)
+
+
+def count_all_reduces(compiled_text: str) -> int:
+  """All-reduce ops in compiled HLO text (sync or async-start forms)."""
+  n = 0
+  for line in compiled_text.splitlines():
+    if "=" in line and (" all-reduce(" in line or " all-reduce-start(" in line):
+      n += 1
+  return n
