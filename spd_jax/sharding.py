@@ -84,3 +84,8 @@ def shard_params(params: Any, mesh: Mesh) -> Any:
 def shard_cache(cache: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map(lambda x, s: _put(x, NamedSharding(mesh, s)),
                                 cache, cache_specs(cache))
+
+
+def replicate(x: Any, mesh: Mesh) -> jax.Array:
+  """A host value as a replicated global array (needed when the mesh spans processes)."""
+  return _put(x, NamedSharding(mesh, P()))

@@ -32,3 +32,25 @@ def hang(seconds: float) -> None:
   """Never returns within a test's patience (a stuck worker)."""
   import time
   time.sleep(seconds)
+
+
+def tp_logits(params: dict, tokens: np.ndarray, cfg_kwargs: dict, drop: tuple,
+              decode_from: int) -> dict:
+  """TP over every device of every process: prefill logits, and logits from
+  prefill of ``tokens[:, :decode_from]`` followed by cached decode steps."""
+  from core.models import lm
+  from spd_jax import sharding, tp
+  cfg = lm.LMConfig(**cfg_kwargs)
+  mesh = sharding.make_mesh(jax.device_count())
+  sp = tp.prepare_params(params, cfg, mesh)
+  plan = tp.SyncPlan(tuple(drop))
+  prefill = tp.make_forward(cfg, mesh, plan)(sp, sharding.replicate(tokens, mesh))
+  step = tp.make_forward(cfg, mesh, plan, with_cache=True)
+  cache = tp.init_cache(cfg, mesh, tokens.shape[0])
+  outs = []
+  for start, end in [(0, decode_from)] + [(i, i + 1) for i in range(decode_from, tokens.shape[1])]:
+    logits, cache = step(sp, sharding.replicate(tokens[:, start:end], mesh), cache,
+                         sharding.replicate(np.int32(start), mesh))
+    outs.append(np.asarray(logits.addressable_data(0)))
+  return {"prefill": np.asarray(prefill.addressable_data(0)),
+          "decode": np.concatenate(outs, axis=1), "devices": jax.device_count()}
