@@ -1,0 +1,128 @@
+"""Analytical per-block latency model of TP inference, with and without SPD.
+
+Per block and device: time = max(compute, memory) (a roofline), where compute
+is the block's matmul FLOPs / N over the device's peak, and memory is its
+weight shard plus KV-cache shard read once, over memory bandwidth. Each
+all-reduce of M bytes over N devices in a ring costs
+
+    t_AR = 2 (N - 1) alpha + 2 (N - 1) / N * M / beta.
+
+End-to-end latency = L * (t_block + syncs_per_block * t_AR) + LM head. SPD
+removes one all-reduce from each dropped block. This is a model, not a
+measurement: every constant below is listed with its source or marked as an
+assumption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  name: str
+  peak_flops: float      # dense bf16 FLOP/s per device
+  mem_bw: float          # HBM bytes/s per device
+  link_bw: float         # all-reduce bus bandwidth beta, bytes/s per direction per device
+  alpha: float           # per-step latency of a ring all-reduce, seconds
+  efficiency: float = 0.7  # fraction of peak compute / bandwidth actually reached (assumed)
+  source: str = ""
+
+
+# Peak numbers are the vendors' datasheet figures. alpha and efficiency are
+# assumptions (no primary source offline); alpha ~ a few microseconds per ring
+# step is the order of magnitude NCCL reaches over NVLink, ~10 us over PCIe.
+PRESETS = {
+    "a100-nvlink": Hardware(
+        "A100-SXM4-80GB, NVLink 3", 312e12, 2.039e12, 300e9, 3e-6,
+        source="NVIDIA A100 datasheet: 312 TFLOP/s bf16 dense, 2,039 GB/s HBM2e, "
+               "NVLink 600 GB/s bidirectional (300 GB/s per direction); alpha assumed"),
+    "a100-pcie": Hardware(
+        "A100-PCIe-80GB, PCIe 4.0 x16", 312e12, 1.935e12, 32e9, 10e-6,
+        source="NVIDIA A100 datasheet: 312 TFLOP/s bf16, 1,935 GB/s; PCIe 4.0 x16 "
+               "~32 GB/s per direction (PCI-SIG spec); alpha assumed"),
+    "h100-nvlink": Hardware(
+        "H100-SXM5-80GB, NVLink 4", 989e12, 3.35e12, 450e9, 3e-6,
+        source="NVIDIA H100 datasheet: 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3, "
+               "NVLink 900 GB/s bidirectional (450 GB/s per direction); alpha assumed"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+  name: str
+  n_layers: int
+  d_model: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  vocab: int = 32_000
+  bytes_per_param: int = 2  # bf16
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def block_params(self) -> int:
+    d, kv = self.d_model, self.n_kv_heads * self.head_dim
+    return d * d * 2 + 2 * d * kv + 3 * d * self.d_ff  # q, o, k, v, gate/up/down
+
+
+# LLaMA-2 shapes from the LLaMA-2 paper / released configs.
+LLAMA2 = {
+    "7b": ModelShape("LLaMA2-7B", 32, 4096, 32, 32, 11008),
+    "13b": ModelShape("LLaMA2-13B", 40, 5120, 40, 40, 13824),
+    "70b": ModelShape("LLaMA2-70B", 80, 8192, 64, 8, 28672),
+}
+
+
+def allreduce_time(n_bytes: float, n_devices: int, alpha: float, beta: float) -> float:
+  if n_devices == 1:
+    return 0.0
+  return 2 * (n_devices - 1) * alpha + 2 * (n_devices - 1) / n_devices * n_bytes / beta
+
+
+def block_time(m: ModelShape, hw: Hardware, n_devices: int, tokens: int, context: int,
+               batch: int) -> float:
+  """Compute/memory roofline of one block's local work (no communication)."""
+  flops = 2 * tokens * m.block_params  # matmuls
+  flops += 4 * tokens * context * m.d_model  # attention scores and mixing
+  weight_bytes = m.block_params * m.bytes_per_param
+  kv_bytes = 2 * batch * context * m.n_kv_heads * m.head_dim * m.bytes_per_param
+  compute = flops / n_devices / (hw.peak_flops * hw.efficiency)
+  memory = (weight_bytes + kv_bytes) / n_devices / (hw.mem_bw * hw.efficiency)
+  return max(compute, memory)
+
+
+def forward_latency(m: ModelShape, hw: Hardware, n_devices: int, *, n_dropped: int = 0,
+                    batch: int = 1, new_tokens: int = 1, context: int = 1024) -> dict:
+  """Modelled latency (seconds) of one forward pass over ``new_tokens`` per
+  sequence (1 = a decode step), split into compute and communication."""
+  tokens = batch * new_tokens
+  t_block = block_time(m, hw, n_devices, tokens, context, batch)
+  msg = tokens * m.d_model * m.bytes_per_param
+  t_ar = allreduce_time(msg, n_devices, hw.alpha, hw.link_bw)
+  n_ar = 2 * m.n_layers - n_dropped
+  head = max(2 * tokens * m.d_model * m.vocab / (hw.peak_flops * hw.efficiency),
+             m.d_model * m.vocab * m.bytes_per_param / (hw.mem_bw * hw.efficiency))
+  compute = m.n_layers * t_block + head
+  return {"total": compute + n_ar * t_ar, "compute": compute, "comm": n_ar * t_ar,
+          "allreduce": t_ar, "all_reduces": n_ar}
+
+
+def spd_reduction(m: ModelShape, hw: Hardware, n_devices: int, n_dropped: int, **kw) -> float:
+  """Fractional end-to-end latency reduction from dropping ``n_dropped`` syncs."""
+  base = forward_latency(m, hw, n_devices, **kw)["total"]
+  return 1.0 - forward_latency(m, hw, n_devices, n_dropped=n_dropped, **kw)["total"] / base
+
+
+def fit_alpha_beta(sizes_bytes, seconds, n_devices: int) -> tuple[float, float]:
+  """Least-squares fit of the ring model t = 2(N-1) alpha + 2(N-1)/N M / beta."""
+  sizes = np.asarray(sizes_bytes, np.float64)
+  t = np.asarray(seconds, np.float64)
+  a = np.stack([np.full_like(sizes, 2 * (n_devices - 1)), 2 * (n_devices - 1) / n_devices * sizes], 1)
+  (alpha, inv_beta), *_ = np.linalg.lstsq(a, t, rcond=None)
+  return float(alpha), float(1.0 / inv_beta) if inv_beta > 0 else float("inf")

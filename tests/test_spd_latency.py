@@ -1,0 +1,52 @@
+"""Latency model against hand-derived values; the loopback benchmark's plumbing
+on a tiny model (its timings are a benchmark's business, not a test's)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from core.models import lm
+from spd_jax import latency_bench, latency_model as lmod
+
+
+def test_ring_allreduce_formula_by_hand():
+  # 2(N-1) alpha + 2(N-1)/N M / beta with N=4, alpha=1us, M=1MB, beta=1GB/s
+  assert lmod.allreduce_time(1e6, 4, 1e-6, 1e9) == pytest.approx(6e-6 + 1.5e-3)
+  assert lmod.allreduce_time(1e6, 1, 1e-6, 1e9) == 0.0
+
+
+def test_llama2_block_parameter_counts_match_published_sizes():
+  total = lambda m: m.n_layers * m.block_params + 2 * m.vocab * m.d_model
+  assert lmod.LLAMA2["7b"].block_params == 202_375_168
+  assert total(lmod.LLAMA2["7b"]) / 1e9 == pytest.approx(6.74, abs=0.01)
+  assert total(lmod.LLAMA2["70b"]) / 1e9 == pytest.approx(68.98, abs=0.01)
+
+
+def test_alpha_beta_fit_recovers_known_constants():
+  sizes = np.array([1e3, 1e4, 1e5, 1e6, 4e6])
+  t = [lmod.allreduce_time(s, 4, 50e-6, 2e8) for s in sizes]
+  alpha, beta = lmod.fit_alpha_beta(sizes, t, 4)
+  assert alpha == pytest.approx(50e-6, rel=1e-6) and beta == pytest.approx(2e8, rel=1e-6)
+
+
+def test_spd_saves_exactly_the_dropped_allreduces():
+  m, hw = lmod.LLAMA2["70b"], lmod.PRESETS["a100-nvlink"]
+  base = lmod.forward_latency(m, hw, 8)
+  spd = lmod.forward_latency(m, hw, 8, n_dropped=73)
+  assert base["all_reduces"] == 160 and spd["all_reduces"] == 87
+  assert base["total"] - spd["total"] == pytest.approx(73 * base["allreduce"])
+  assert lmod.spd_reduction(m, hw, 8, 0) == 0.0
+  assert lmod.spd_reduction(m, lmod.PRESETS["a100-pcie"], 8, 73) > lmod.spd_reduction(m, hw, 8, 73)
+
+
+@pytest.mark.multiprocess
+def test_loopback_benchmark_runs_and_counts_all_reduces():
+  bench = latency_bench.BenchConfig(
+      lm.LMConfig(d_model=32, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16),
+      batch=1, prompt_len=4, decode_steps=2, repeats=1, fractions=(0.0, 1.0), ar_sizes=(16, 64))
+  res = latency_bench.run(bench, 2, timeout=180)
+  rows = res["rows"]
+  assert {k: r["all_reduces"] for k, r in rows.items()} == {"0%": 4, "100%": 2, "no-sync": 0}  # 2L - dropped
+  assert rows["0%"]["decode_ratio"] == 1.0 and all(r["decode_s"] > 0 for r in rows.values())
+  assert sorted(res["allreduce_seconds"]) == [64, 256]
