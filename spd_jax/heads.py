@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from core.models import lm
@@ -21,12 +22,6 @@ HeadPerm = Sequence[Sequence[int]]  # one order of the KV groups per block
 
 def identity(cfg: lm.LMConfig) -> list[np.ndarray]:
   return [np.arange(cfg.kv_heads) for _ in range(cfg.n_layers)]
-
-
-def query_order(group_perm: Sequence[int], cfg: lm.LMConfig) -> np.ndarray:
-  """Query-head order implied by an order of KV groups."""
-  g = cfg.n_heads // cfg.kv_heads
-  return (np.asarray(group_perm)[:, None] * g + np.arange(g)[None]).reshape(-1)
 
 
 def check(head_perm: HeadPerm, cfg: lm.LMConfig) -> None:
@@ -39,18 +34,23 @@ def check(head_perm: HeadPerm, cfg: lm.LMConfig) -> None:
                        f"{cfg.kv_heads} KV-head groups")
 
 
+def permute_block(p: dict, cfg: lm.LMConfig, group_perm) -> dict:
+  """One block's params with its KV groups reordered (works inside jit too)."""
+  g = cfg.n_heads // cfg.kv_heads
+  kv_idx = jnp.asarray(group_perm)
+  q_idx = (kv_idx[:, None] * g + jnp.arange(g)[None]).reshape(-1)
+  a = dict(p["attn"])
+  a["wq"], a["wk"], a["wv"] = a["wq"][:, q_idx], a["wk"][:, kv_idx], a["wv"][:, kv_idx]
+  a["wo"] = a["wo"][q_idx]
+  if "bq" in a:
+    a["bq"], a["bk"], a["bv"] = a["bq"][q_idx], a["bk"][kv_idx], a["bv"][kv_idx]
+  return dict(p, attn=a)
+
+
 def permute_heads(params: Any, cfg: lm.LMConfig, head_perm: HeadPerm) -> Any:
   """Returns params with each block's heads reordered (a new pytree)."""
   check(head_perm, cfg)
   out = dict(params)
   for i, perm in enumerate(head_perm):
-    key = lm.block_key(i)
-    kv_idx = np.asarray(perm)
-    q_idx = query_order(perm, cfg)
-    a = dict(params[key]["attn"])
-    a["wq"], a["wk"], a["wv"] = a["wq"][:, q_idx], a["wk"][:, kv_idx], a["wv"][:, kv_idx]
-    a["wo"] = a["wo"][q_idx]
-    if "bq" in a:
-      a["bq"], a["bk"], a["bv"] = a["bq"][q_idx], a["bk"][kv_idx], a["bv"][kv_idx]
-    out[key] = dict(params[key], attn=a)
+    out[lm.block_key(i)] = permute_block(params[lm.block_key(i)], cfg, np.asarray(perm))
   return out

@@ -89,3 +89,18 @@ def shard_cache(cache: Any, mesh: Mesh) -> Any:
 def replicate(x: Any, mesh: Mesh) -> jax.Array:
   """A host value as a replicated global array (needed when the mesh spans processes)."""
   return _put(x, NamedSharding(mesh, P()))
+
+
+def split_for_devices(sub: dict, n: int) -> dict:
+  """Stacks the per-device shards of an ``attn`` or ``mlp`` param dict along a
+  new leading axis of size ``n`` (the layout ``param_specs`` would place on a
+  mesh of ``n``), keeping only the sharded leaves. Lets one device emulate N."""
+  out = {}
+  for name, x in sub.items():
+    spec = _SPECS.get(name)
+    if spec is None:
+      continue  # replicated (row-parallel output biases): added once by the caller
+    axis = list(spec).index(TP)
+    shape = x.shape[:axis] + (n, x.shape[axis] // n) + x.shape[axis + 1:]
+    out[name] = jax.numpy.moveaxis(x.reshape(shape), axis, 0)
+  return out

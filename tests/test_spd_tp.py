@@ -200,3 +200,17 @@ def test_bad_plans_and_permutations_are_rejected():
     heads.permute_heads(_setup(MHA)[0], MHA, [[0] * 8, list(range(8))])
   with pytest.raises(ValueError, match="needs 16 devices"):
     sharding.make_mesh(16)
+
+
+@pytest.mark.parametrize("cfg,n,drop,residual", [
+    (MHA, 2, (True, False), "sum"), (MHA, 8, (True, True), "sum"),
+    (GQA, 4, (False, True), "sum"), (GQA, 2, (True, True), "mean")])
+def test_single_device_emulation_equals_shard_map(cfg, n, drop, residual):
+  from spd_jax import emulate
+  params, tokens, _ = _setup(cfg)
+  mesh = sharding.make_mesh(n)
+  plan = tp.SyncPlan(drop)
+  want = tp.make_forward(cfg, mesh, plan, residual=residual)(
+      tp.prepare_params(params, cfg, mesh), tokens)
+  got = jax.jit(emulate.apply, static_argnums=(2, 3, 4, 5))(params, tokens, cfg, plan, n, residual)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)

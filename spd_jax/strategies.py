@@ -1,0 +1,132 @@
+"""The three SPD strategies, each ``(params, plan, calibration tokens) -> (params, plan)``.
+
+* ``zero_shot`` (ISB): drop the sync, change nothing.
+* ``b2b`` (SB): block-to-block distillation -- train only a dropped block's
+  parameters, under SPD at the target TP size, to reproduce the dense block's
+  output (MSE) on calibration data. The block's input is the dense teacher's
+  residual stream at that block, so blocks are distilled independently.
+* ``head_grouping`` (ESB): search the head-to-device assignment of a dropped
+  block. A permutation of heads is free for the dense model, but under SPD it
+  decides which heads' outputs each device's MLP sees. Our objective is the
+  same block-output error B2B minimises (the paper's indicators -- attention
+  statistics, MLP-output norm -- are proxies for it); greedy pairwise swaps of
+  KV groups between devices, accepted only when the error drops. Then B2B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from core.models import lm
+from spd_jax import emulate, heads
+from spd_jax.tp import SyncPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class B2BConfig:
+  steps: int = 200
+  lr: float = 1e-3
+  batch: int = 16  # sequences per step; use thousands of calibration tokens, or it memorises
+  seed: int = 0
+
+
+def zero_shot(params: dict, plan: SyncPlan, calib_tokens=None, **_) -> tuple[dict, SyncPlan]:
+  return params, plan
+
+
+def _dropped(plan: SyncPlan, blocks: Sequence[int] | None) -> list[int]:
+  return [i for i in range(plan.n_layers) if plan.drop_attn[i]] if blocks is None else list(blocks)
+
+
+def teacher_io(params: dict, tokens, cfg: lm.LMConfig) -> tuple[list, list]:
+  """Dense inputs and outputs of every block on ``tokens``."""
+  xs = emulate.block_inputs(params, jnp.asarray(tokens), cfg)
+  last = lm.block(params[lm.block_key(cfg.n_layers - 1)], xs[-1], jnp.asarray(0, jnp.int32), cfg)[0]
+  return xs, xs[1:] + [last]
+
+
+def block_error(p_block: dict, x, target, cfg: lm.LMConfig, n_devices: int,
+                residual: str = "sum") -> jax.Array:
+  """Mean squared error of the SPD block against the dense block's output."""
+  return jnp.mean(jnp.square(emulate.spd_block(p_block, x, cfg, n_devices, residual) - target))
+
+
+def b2b(params: dict, plan: SyncPlan, calib_tokens, *, cfg: lm.LMConfig, n_devices: int,
+        blocks: Sequence[int] | None = None, config: B2BConfig = B2BConfig(),
+        residual: str = "sum") -> tuple[dict, SyncPlan]:
+  """Distils each dropped block (or ``blocks``) under SPD; other params untouched."""
+  xs, ys = teacher_io(params, calib_tokens, cfg)
+  opt = optax.adam(config.lr)
+  loss_fn = functools.partial(block_error, cfg=cfg, n_devices=n_devices, residual=residual)
+
+  @jax.jit
+  def step(p, opt_state, x, y):
+    loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+    updates, opt_state = opt.update(g, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, loss
+
+  out = dict(params)
+  n = xs[0].shape[0]
+  for i in _dropped(plan, blocks):
+    p = params[lm.block_key(i)]
+    opt_state = opt.init(p)
+    rng = np.random.default_rng([config.seed, i])
+    for _ in range(config.steps):
+      idx = rng.integers(0, n, min(config.batch, n))
+      p, opt_state, _ = step(p, opt_state, xs[i][idx], ys[i][idx])
+    out[lm.block_key(i)] = p
+  return out, plan
+
+
+def head_grouping(params: dict, plan: SyncPlan, calib_tokens, *, cfg: lm.LMConfig,
+                  n_devices: int, blocks: Sequence[int] | None = None, rounds: int = 3,
+                  residual: str = "sum") -> tuple[dict, SyncPlan]:
+  """Reorders each dropped block's heads to minimise its SPD output error.
+
+  The dense model's function is unchanged (tested); the objective never
+  increases, since only improving swaps are kept.
+  """
+  xs, ys = teacher_io(params, calib_tokens, cfg)
+  groups_per_device = cfg.kv_heads // n_devices
+
+  @jax.jit
+  def objective(p_block, perm, x, y):
+    return block_error(heads.permute_block(p_block, cfg, perm), x, y, cfg, n_devices, residual)
+
+  out = dict(params)
+  for i in _dropped(plan, blocks):
+    p = params[lm.block_key(i)]
+    perm = np.arange(cfg.kv_heads)
+    best = float(objective(p, perm, xs[i], ys[i]))
+    for _ in range(rounds):
+      improved = False
+      for a in range(cfg.kv_heads):
+        for b in range(a + 1, cfg.kv_heads):
+          if a // groups_per_device == b // groups_per_device:
+            continue  # same device: swapping changes nothing under SPD
+          cand = perm.copy()
+          cand[a], cand[b] = cand[b], cand[a]
+          err = float(objective(p, cand, xs[i], ys[i]))
+          if err < best:
+            perm, best, improved = cand, err, True
+      if not improved:
+        break
+    out[lm.block_key(i)] = heads.permute_block(p, cfg, perm)
+  return out, plan
+
+
+def full_stack(params: dict, plan: SyncPlan, calib_tokens, *, cfg: lm.LMConfig,
+               n_devices: int, config: B2BConfig = B2BConfig(), residual: str = "sum"
+               ) -> tuple[dict, SyncPlan]:
+  """ZS + HG + B2B on every dropped block."""
+  params, plan = head_grouping(params, plan, calib_tokens, cfg=cfg, n_devices=n_devices,
+                               residual=residual)
+  return b2b(params, plan, calib_tokens, cfg=cfg, n_devices=n_devices, config=config,
+             residual=residual)
