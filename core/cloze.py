@@ -10,6 +10,7 @@ log-probability after the context. Chance is 1 / n_choices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable
 
@@ -79,12 +80,8 @@ def build(text: np.ndarray, n_items: int = 500, context_len: int = 64, min_len: 
   return ClozeSet(ctx, cand, lens, answers)
 
 
-def candidate_logprobs(logits_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
-                       cloze: ClozeSet, batch_items: int = 32) -> np.ndarray:
-  """(n, n_choices) summed log-probability of each candidate after its context."""
-  n, k, w = cloze.candidates.shape
-  c = cloze.contexts.shape[1]
-
+@functools.lru_cache(maxsize=32)  # one compile per model function and item shape
+def _scorer(logits_fn, k: int, w: int, c: int):
   @jax.jit
   def score(params, ctx_BxC, cand_BxKxW, len_BxK):
     b = ctx_BxC.shape[0]
@@ -94,7 +91,14 @@ def candidate_logprobs(logits_fn: Callable[[Any, jax.Array], jax.Array], params:
     lp = jnp.take_along_axis(logp[:, c - 1:], seq[:, c:, None], -1)[..., 0].reshape(b, k, w)
     mask = jnp.arange(w)[None, None] < len_BxK[..., None]
     return jnp.sum(lp * mask, -1)
+  return score
 
+
+def candidate_logprobs(logits_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
+                       cloze: ClozeSet, batch_items: int = 32) -> np.ndarray:
+  """(n, n_choices) summed log-probability of each candidate after its context."""
+  n, k, w = cloze.candidates.shape
+  score = _scorer(logits_fn, k, w, cloze.contexts.shape[1])
   out = []
   for s in range(0, n, batch_items):
     sl = slice(s, s + batch_items)

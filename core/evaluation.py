@@ -6,6 +6,7 @@ the jitted function compiles once.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -25,17 +26,35 @@ def _padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int):
     yield chunk, np.arange(batch_size) < k
 
 
-def classifier_metrics(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
-                       x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> dict:
-  """{'loss', 'accuracy'} of ``apply_fn(params, x) -> logits`` over the whole set."""
-
+# The jitted per-batch reductions are cached per apply function, so repeated
+# evaluations of one model (e.g. many sync plans in a study) compile once.
+@functools.lru_cache(maxsize=32)
+def _classifier_sums(apply_fn):
   @jax.jit
   def sums(params, xb, yb, mask):
     logits = apply_fn(params, xb).astype(jnp.float32)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], -1)[:, 0]
     correct = jnp.argmax(logits, -1) == yb
     return jnp.sum(nll * mask), jnp.sum(correct * mask)
+  return sums
 
+
+@functools.lru_cache(maxsize=32)
+def _lm_sums(apply_fn):
+  @jax.jit
+  def sums(params, tokens, mask):
+    logits = apply_fn(params, tokens[:, :-1]).astype(jnp.float32)
+    targets = tokens[:, 1:]
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    correct = jnp.argmax(logits, -1) == targets
+    return jnp.sum(nll * mask[:, None]), jnp.sum(correct * mask[:, None])
+  return sums
+
+
+def classifier_metrics(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
+                       x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> dict:
+  """{'loss', 'accuracy'} of ``apply_fn(params, x) -> logits`` over the whole set."""
+  sums = _classifier_sums(apply_fn)
   tot_nll = tot_correct = 0.0
   for (xb, yb), mask in _padded_batches((x, y), min(batch_size, len(x))):
     nll, correct = sums(params, xb, yb, mask)
@@ -49,14 +68,7 @@ def lm_metrics(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
   """Next-byte {'loss', 'perplexity', 'bits_per_byte', 'accuracy'} over
   ``windows`` of shape (n, L+1) (from ``data.text_eval_windows``)."""
 
-  @jax.jit
-  def sums(params, tokens, mask):
-    logits = apply_fn(params, tokens[:, :-1]).astype(jnp.float32)
-    targets = tokens[:, 1:]
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-    correct = jnp.argmax(logits, -1) == targets
-    return jnp.sum(nll * mask[:, None]), jnp.sum(correct * mask[:, None])
-
+  sums = _lm_sums(apply_fn)
   tot_nll = tot_correct = 0.0
   for (tb,), mask in _padded_batches((windows,), min(batch_size, len(windows))):
     nll, correct = sums(params, tb, mask)

@@ -9,7 +9,7 @@ Writes ``<outdir>/REPORT.md`` with tables and PNG plots under ``<outdir>/figures
 from absl import app, flags
 
 from core import baselines, report
-from spd_jax import latency_report
+from spd_jax import latency_report, study
 
 _FULL = flags.DEFINE_bool("full", False, "Run the full (slow) experiments.")
 _OUTDIR = flags.DEFINE_string("outdir", "results", "Where REPORT.md and figures go.")
@@ -19,6 +19,7 @@ _ONLY = flags.DEFINE_list("only", [], "Run only these sections (default: all).")
 SECTIONS: list[tuple[str, report.SectionFn]] = [
     ("baselines", baselines.section),
     ("spd_latency", latency_report.section),
+    ("spd_accuracy", study.section),
 ]
 
 

@@ -63,3 +63,16 @@ def block_inputs(params: dict, tokens_BxL: jax.Array, cfg: lm.LMConfig) -> list[
     xs.append(x)
     x = lm.block(params[lm.block_key(i)], x, jnp.asarray(0, jnp.int32), cfg)[0]
   return xs
+
+
+def apply_masked(params: dict, tokens_BxL: jax.Array, cfg: lm.LMConfig, drop_L: jax.Array,
+                 n_devices: int, residual: str = "sum") -> jax.Array:
+  """``apply`` with the plan as a traced bool vector (one compile serves every
+  plan; each block runs only the branch its flag selects)."""
+  x = lm.embed(params, tokens_BxL)
+  for i in range(cfg.n_layers):
+    p = params[lm.block_key(i)]
+    x = jax.lax.cond(drop_L[i],
+                     lambda p, x: spd_block(p, x, cfg, n_devices, residual),
+                     lambda p, x: lm.block(p, x, jnp.asarray(0, jnp.int32), cfg)[0], p, x)
+  return lm.unembed(params, x, cfg)

@@ -26,9 +26,10 @@ def _setup():
 
 
 def _ppl_fn(params, windows, n):
+  apply = jax.jit(lambda pd, t: emulate.apply_masked(pd[0], t, CFG, pd[1], n))
+
   def eval_fn(plan):
-    apply = jax.jit(lambda p, t: emulate.apply(p, t, CFG, plan, n))
-    return evaluation.lm_metrics(apply, params, windows)["perplexity"]
+    return evaluation.lm_metrics(apply, (params, jnp.asarray(plan.drop_attn)), windows)["perplexity"]
   return eval_fn
 
 
@@ -118,3 +119,12 @@ def test_cloze_scores_match_numpy_bigram_model():
       seq = list(c.contexts[i]) + list(c.candidates[i, j, :c.lengths[i, j]])
       want = sum(logp[seq[t - 1], seq[t]] for t in range(8, len(seq)))
       np.testing.assert_allclose(got[i, j], want, rtol=1e-4)
+
+
+def test_masked_emulation_equals_static_plan():
+  params, _, held_out = _setup()
+  for drop in [(False, True, False), (True, True, True)]:
+    plan = tp.SyncPlan(drop)
+    np.testing.assert_allclose(
+        emulate.apply_masked(params, jnp.asarray(held_out), CFG, jnp.asarray(drop), 4),
+        emulate.apply(params, jnp.asarray(held_out), CFG, plan, 4), atol=1e-5)

@@ -1,0 +1,47 @@
+"""SPD accuracy study: train (or resume) the byte LM, then sensitivity analysis,
+zero-shot / B2B / head-grouping strategies, perplexity and cloze accuracy
+against the fraction of attention syncs dropped, for several TP sizes.
+
+  python -m experiments.spd_study --model_dir=runs/spd_study_lm --outdir=results/spd_study
+"""
+
+import dataclasses
+
+from absl import app, flags
+
+from spd_jax import study
+
+_FULL = flags.DEFINE_bool("full", True, "Full study model (else the quick one).")
+_MODEL_DIR = flags.DEFINE_string("model_dir", "runs/spd_study_lm",
+                                 "Checkpoint folder of the LM (trained or resumed here).")
+_OUTDIR = flags.DEFINE_string("outdir", "results/spd_study", "Report, JSON and figures.")
+_TP = flags.DEFINE_list("tp_sizes", None, "TP sizes to study (default 2,4,8).")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", None, "Override LM training steps.")
+_T_ISB = flags.DEFINE_float("t_isb", None, "ISB threshold (relative ppl increase).")
+_T_ESB = flags.DEFINE_float("t_esb", None, "ESB threshold (relative ppl increase).")
+_B2B_STEPS = flags.DEFINE_integer("b2b_steps", None, "B2B distillation steps per block.")
+
+
+def main(argv):
+  del argv
+  cfg = study.FULL if _FULL.value else study.QUICK
+  over = {}
+  if _TP.value:
+    over["tp_sizes"] = tuple(int(n) for n in _TP.value)
+  if _TRAIN_STEPS.value:
+    over["train_steps"] = _TRAIN_STEPS.value
+  if _T_ISB.value is not None:
+    over["t_isb"] = _T_ISB.value
+  if _T_ESB.value is not None:
+    over["t_esb"] = _T_ESB.value
+  if _B2B_STEPS.value:
+    over["b2b"] = dataclasses.replace(cfg.b2b, steps=_B2B_STEPS.value)
+  cfg = dataclasses.replace(cfg, **over)
+  sec = study.run_study(cfg, _OUTDIR.value, model_dir=_MODEL_DIR.value)
+  with open(f"{_OUTDIR.value}/REPORT.md", "w") as f:
+    f.write(f"## {sec.title}\n\n{sec.body}\n")
+  print(sec.body)
+
+
+if __name__ == "__main__":
+  app.run(main)
