@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from typing import Any
 
@@ -22,6 +23,15 @@ class RecipeResult:
   model_config: Any
   metrics: dict        # final test/validation metrics plus throughput
   history: list[dict]
+
+
+def _carry_throughput(workdir: str | None, metrics: dict, key: str) -> None:
+  """A run resumed after its last step trains nothing here; report the
+  throughput its earlier process measured instead of NaN."""
+  path = os.path.join(workdir, "summary.json") if workdir else None
+  if math.isnan(metrics[key]) and path and os.path.exists(path):
+    with open(path) as f:
+      metrics[key] = json.load(f)["metrics"].get(key, metrics[key])
 
 
 def _dump(workdir: str | None, metrics: dict, model_config: Any) -> None:
@@ -55,6 +65,7 @@ def train_classifier(dataset: str | data.Dataset, model: str, train_cfg: TrainCo
               eval_fn=lambda p: evaluation.classifier_metrics(apply_fn, p, ds.x_test, ds.y_test))
   metrics = dict(res.final_eval, params=num_params(res.params),
                  examples_per_sec=res.steps_per_sec * train_cfg.batch_size)
+  _carry_throughput(workdir, metrics, "examples_per_sec")
   _dump(workdir, metrics, mcfg)
   return RecipeResult(res.params, mcfg, metrics, res.history)
 
@@ -79,5 +90,6 @@ def train_lm(lm_cfg: lm.LMConfig, train_cfg: TrainConfig, *, seq_len: int | None
   metrics = dict(res.final_eval, params=num_params(res.params),
                  unigram_loss=evaluation.unigram_loss(ds.x_train, ds.x_test),
                  tokens_per_sec=res.steps_per_sec * train_cfg.batch_size * seq_len)
+  _carry_throughput(workdir, metrics, "tokens_per_sec")
   _dump(workdir, metrics, lm_cfg)
   return RecipeResult(res.params, lm_cfg, metrics, res.history)

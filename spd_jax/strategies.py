@@ -63,6 +63,7 @@ def b2b(params: dict, plan: SyncPlan, calib_tokens, *, cfg: lm.LMConfig, n_devic
         residual: str = "sum") -> tuple[dict, SyncPlan]:
   """Distils each dropped block (or ``blocks``) under SPD; other params untouched."""
   xs, ys = teacher_io(params, calib_tokens, cfg)
+  xs, ys = [np.asarray(x) for x in xs], [np.asarray(y) for y in ys]  # cheap host-side batching
   opt = optax.adam(config.lr)
   loss_fn = functools.partial(block_error, cfg=cfg, n_devices=n_devices, residual=residual)
 

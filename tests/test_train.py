@@ -136,3 +136,14 @@ def test_sigkilled_binary_resumes_to_the_same_result(tmp_path):
   chex.assert_trees_all_equal(a["params"], b["params"])
   with open(os.path.join(ref, "summary.json")) as fa, open(os.path.join(killed, "summary.json")) as fb:
     assert json.load(fa)["metrics"]["accuracy"] == json.load(fb)["metrics"]["accuracy"]
+
+
+def test_recipe_resumed_after_its_last_step_keeps_measured_throughput(tmp_path):
+  tcfg = TrainConfig(steps=20, batch_size=16, warmup_steps=2, ckpt_every=10)
+  first = train_classifier("digits", "mlp", tcfg, workdir=str(tmp_path), progress=False,
+                           hidden=(16,))
+  again = train_classifier("digits", "mlp", tcfg, workdir=str(tmp_path), progress=False,
+                           hidden=(16,))
+  assert np.isfinite(first.metrics["examples_per_sec"])
+  assert again.metrics["examples_per_sec"] == first.metrics["examples_per_sec"]
+  assert again.metrics["accuracy"] == first.metrics["accuracy"]
