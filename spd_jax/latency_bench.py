@@ -11,10 +11,8 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 

@@ -7,7 +7,6 @@ import json
 import os
 from typing import Sequence
 
-import numpy as np
 
 from core import report
 from spd_jax import latency_bench, latency_model

@@ -1,8 +1,6 @@
 """Latency model against hand-derived values; the loopback benchmark's plumbing
 on a tiny model (its timings are a benchmark's business, not a test's)."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from core.models import cnn, lm, mlp, vit
+from core.models import cnn, mlp, vit
 
 CLASSIFIERS: dict[str, ModuleType] = {"mlp": mlp, "cnn": cnn, "vit": vit}
 _CONFIGS = {"mlp": mlp.MLPConfig, "cnn": cnn.CNNConfig, "vit": vit.ViTConfig}
