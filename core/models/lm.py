@@ -114,17 +114,11 @@ def init_cache(cfg: LMConfig, batch: int, max_len: int | None = None,
           for i in range(cfg.n_layers)}
 
 
-def attention_partial(p: Params, h_BxLxD: jax.Array, pos: jax.Array,
-                      cfg: LMConfig, kv: Cache | None = None
-                      ) -> tuple[jax.Array, Cache | None]:
-  """Attention over the heads present in ``p`` (all of them, or one shard).
-
-  ``pos`` is the absolute position of the first query token. With a KV cache
-  the new keys/values are written at ``pos`` and the queries attend to every
-  cached position up to their own; without one, attention is causal within
-  the call. Returns the out-projection summed over the local heads, *without*
-  the output bias, and the updated cache.
-  """
+def attention_heads(p: Params, h_BxLxD: jax.Array, pos: jax.Array,
+                    cfg: LMConfig, kv: Cache | None = None
+                    ) -> tuple[jax.Array, Cache | None]:
+  """Per-head attention outputs (B, L, H, Dh) before the out-projection, for
+  the heads present in ``p``; see ``attention_partial``."""
   b, l, _ = h_BxLxD.shape
   q_BxLxHxDh = jnp.einsum("bld,dhk->blhk", h_BxLxD, p["wq"])
   k_BxLxKxDh = jnp.einsum("bld,dhk->blhk", h_BxLxD, p["wk"])
@@ -145,17 +139,36 @@ def attention_partial(p: Params, h_BxLxD: jax.Array, pos: jax.Array,
     k_pos = jnp.arange(keys.shape[1])
     new_kv = {"k": keys, "v": values}
   mask_BxLxS = k_pos[None, None, :] <= q_pos_BxL[:, :, None]
-  out_BxLxHxDh = layers.dot_product_attention(q_BxLxHxDh, keys, values, mask_BxLxS)
+  return layers.dot_product_attention(q_BxLxHxDh, keys, values, mask_BxLxS), new_kv
+
+
+def attention_partial(p: Params, h_BxLxD: jax.Array, pos: jax.Array,
+                      cfg: LMConfig, kv: Cache | None = None
+                      ) -> tuple[jax.Array, Cache | None]:
+  """Attention over the heads present in ``p`` (all of them, or one shard).
+
+  ``pos`` is the absolute position of the first query token. With a KV cache
+  the new keys/values are written at ``pos`` and the queries attend to every
+  cached position up to their own; without one, attention is causal within
+  the call. Returns the out-projection summed over the local heads, *without*
+  the output bias, and the updated cache.
+  """
+  out_BxLxHxDh, new_kv = attention_heads(p, h_BxLxD, pos, cfg, kv)
   return jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, p["wo"]), new_kv
 
 
-def mlp_partial(p: Params, h_BxLxD: jax.Array) -> jax.Array:
-  """SwiGLU over the hidden units present in ``p``, without the output bias."""
+def mlp_hidden(p: Params, h_BxLxD: jax.Array) -> jax.Array:
+  """SwiGLU hidden activations (B, L, F): the input of the down projection."""
   gate_BxLxF = h_BxLxD @ p["w_gate"]
   up_BxLxF = h_BxLxD @ p["w_up"]
   if "b_gate" in p:
     gate_BxLxF, up_BxLxF = gate_BxLxF + p["b_gate"], up_BxLxF + p["b_up"]
-  return (jax.nn.silu(gate_BxLxF) * up_BxLxF) @ p["w_down"]
+  return jax.nn.silu(gate_BxLxF) * up_BxLxF
+
+
+def mlp_partial(p: Params, h_BxLxD: jax.Array) -> jax.Array:
+  """SwiGLU over the hidden units present in ``p``, without the output bias."""
+  return mlp_hidden(p, h_BxLxD) @ p["w_down"]
 
 
 def block(p: Params, x_BxLxD: jax.Array, pos: jax.Array, cfg: LMConfig,

@@ -1,0 +1,61 @@
+"""Neuron importance for weight subcloning: mean |activation| on calibration data.
+
+* Residual-stream (embedding) neurons: one global score per neuron, the sum
+  over every residual-connected layer (the embedding output and each block's
+  output) of its mean |activation| -- the same neurons matter in every layer
+  because y = x + f(x) is dominated by x.
+* MLP hidden units: per block, mean |input of the down projection|.
+* Attention heads: per block, whole heads, by the mean |head output| before the
+  out-projection (for grouped KV heads the group's query heads are summed,
+  since a KV group must be kept or removed whole).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from core.models import layers, lm
+
+
+@dataclasses.dataclass(frozen=True)
+class Importance:
+  residual: np.ndarray          # (D,)
+  heads: tuple[np.ndarray, ...]  # per block, (K,) scores of KV groups (= heads for MHA)
+  mlp: tuple[np.ndarray, ...]    # per block, (F,)
+
+
+def lm_importance(params: dict, tokens_BxL, cfg: lm.LMConfig) -> Importance:
+  """Scores of every residual neuron, KV-head group and MLP unit of the LM."""
+
+  @jax.jit
+  def collect(params, tokens):
+    pos = jnp.asarray(0, jnp.int32)
+    x = lm.embed(params, tokens)
+    residual = jnp.mean(jnp.abs(x), axis=(0, 1))
+    heads, mlp = [], []
+    g = cfg.n_heads // cfg.kv_heads
+    for i in range(cfg.n_layers):
+      p = params[lm.block_key(i)]
+      h = layers.rms_norm(x, p["attn_norm"]["scale"], cfg.norm_eps)
+      o_BxLxHxDh, _ = lm.attention_heads(p["attn"], h, pos, cfg)
+      per_head = jnp.mean(jnp.abs(o_BxLxHxDh), axis=(0, 1, 3))
+      heads.append(per_head.reshape(cfg.kv_heads, g).sum(-1))
+      y = x + jnp.einsum("blhk,hkd->bld", o_BxLxHxDh, p["attn"]["wo"]) + p["attn"].get("bo", 0.0)
+      hidden = lm.mlp_hidden(p["mlp"], layers.rms_norm(y, p["mlp_norm"]["scale"], cfg.norm_eps))
+      mlp.append(jnp.mean(jnp.abs(hidden), axis=(0, 1)))
+      x = y + hidden @ p["mlp"]["w_down"] + p["mlp"].get("b_down", 0.0)
+      residual = residual + jnp.mean(jnp.abs(x), axis=(0, 1))
+    return residual, heads, mlp
+
+  residual, heads, mlp = jax.device_get(collect(params, jnp.asarray(tokens_BxL)))
+  return Importance(np.asarray(residual), tuple(map(np.asarray, heads)),
+                    tuple(map(np.asarray, mlp)))
+
+
+def ranking(scores: np.ndarray) -> np.ndarray:
+  """Indices from most to least important (stable for ties)."""
+  return np.argsort(-np.asarray(scores), kind="stable")

@@ -1,0 +1,112 @@
+"""Weight-subcloning surgery on LM param pytrees.
+
+Every parameter is indexed with the same index sets: residual-stream neurons
+(global), KV-head groups and MLP units (per kept block), blocks (middle ones
+removed by default). Weights that read the residual stream (Q/K/V, gate/up,
+the unembedding) are multiplied by sqrt(d / d'), so their outputs keep the
+parent's scale although they sum over fewer inputs; norm parameters and
+biases are only subsampled, never scaled. The child is a valid model of its
+own ``LMConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from core.models import lm
+from subclone.importance import Importance, ranking
+
+ORDERS = ("importance", "first", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildSpec:
+  d_model: int
+  n_heads: int
+  d_ff: int
+  n_layers: int
+
+
+def child_config(cfg: lm.LMConfig, spec: ChildSpec) -> lm.LMConfig:
+  """The child's config; raises a clear error for an invalid target."""
+  for name, child, parent in (("d_model", spec.d_model, cfg.d_model),
+                              ("n_heads", spec.n_heads, cfg.n_heads),
+                              ("d_ff", spec.d_ff, cfg.d_ff),
+                              ("n_layers", spec.n_layers, cfg.n_layers)):
+    if not 1 <= child <= parent:
+      raise ValueError(f"child {name}={child} must lie in [1, parent's {parent}]")
+  if spec.d_model % spec.n_heads or spec.d_model // spec.n_heads != cfg.head_dim:
+    raise ValueError(f"whole heads keep their width: d_model/n_heads must equal the parent's "
+                     f"head_dim {cfg.head_dim}, got {spec.d_model}/{spec.n_heads}")
+  group = cfg.n_heads // cfg.kv_heads
+  if spec.n_heads % group:
+    raise ValueError(f"n_heads={spec.n_heads} must be a multiple of the parent's KV group "
+                     f"size {group}, since KV groups are kept whole")
+  kv = spec.n_heads // group if cfg.n_kv_heads else None
+  return dataclasses.replace(cfg, d_model=spec.d_model, n_heads=spec.n_heads, n_kv_heads=kv,
+                             d_ff=spec.d_ff, n_layers=spec.n_layers)
+
+
+def kept_blocks(n_layers: int, n_keep: int, mode: str | Sequence[int] = "middle") -> list[int]:
+  """Which parent blocks survive: 'middle' removes blocks from the middle,
+  'last' removes the last ones, 'first' the first ones, or explicit indices."""
+  if not isinstance(mode, str):
+    keep = sorted(int(i) for i in mode)
+    if len(keep) != n_keep or len(set(keep)) != n_keep or not all(0 <= i < n_layers for i in keep):
+      raise ValueError(f"kept blocks {list(mode)} must be {n_keep} distinct indices < {n_layers}")
+    return keep
+  if mode == "middle":
+    head = (n_keep + 1) // 2
+    return list(range(head)) + list(range(n_layers - (n_keep - head), n_layers))
+  if mode == "last":
+    return list(range(n_keep))
+  if mode == "first":
+    return list(range(n_layers - n_keep, n_layers))
+  raise ValueError(f"unknown block mode {mode!r}; use 'middle', 'last', 'first' or indices")
+
+
+def _select(scores: np.ndarray, k: int, order: str, rng: np.random.Generator) -> np.ndarray:
+  if order == "importance":
+    return ranking(scores)[:k]
+  if order == "first":
+    return np.arange(k)
+  if order == "random":
+    return rng.permutation(len(scores))[:k]
+  raise ValueError(f"unknown order {order!r}; choose one of {ORDERS}")
+
+
+def subclone_lm(params: dict, cfg: lm.LMConfig, importance: Importance, spec: ChildSpec, *,
+                blocks: str | Sequence[int] = "middle", scale: bool = True,
+                order: str = "importance", seed: int = 0) -> tuple[dict, lm.LMConfig]:
+  """Returns (child params, child config)."""
+  ccfg = child_config(cfg, spec)
+  rng = np.random.default_rng(seed)
+  d_idx = _select(importance.residual, spec.d_model, order, rng)
+  s = math.sqrt(cfg.d_model / spec.d_model) if scale else 1.0
+  group = cfg.n_heads // cfg.kv_heads
+  child = {"embed": {"embedding": params["embed"]["embedding"][:, d_idx]},
+           "final_norm": {"scale": params["final_norm"]["scale"][d_idx]}}
+  if not cfg.tie_embeddings:
+    child["unembed"] = {"kernel": params["unembed"]["kernel"][d_idx] * s}
+  for new_i, old_i in enumerate(kept_blocks(cfg.n_layers, spec.n_layers, blocks)):
+    p = params[lm.block_key(old_i)]
+    kv_idx = _select(importance.heads[old_i], ccfg.kv_heads, order, rng)
+    q_idx = (kv_idx[:, None] * group + np.arange(group)[None]).reshape(-1)
+    f_idx = _select(importance.mlp[old_i], spec.d_ff, order, rng)
+    a, m = p["attn"], p["mlp"]
+    attn = {"wq": a["wq"][d_idx][:, q_idx] * s, "wk": a["wk"][d_idx][:, kv_idx] * s,
+            "wv": a["wv"][d_idx][:, kv_idx] * s, "wo": a["wo"][q_idx][:, :, d_idx]}
+    mlp = {"w_gate": m["w_gate"][d_idx][:, f_idx] * s, "w_up": m["w_up"][d_idx][:, f_idx] * s,
+           "w_down": m["w_down"][f_idx][:, d_idx]}
+    if "bq" in a:
+      attn |= {"bq": a["bq"][q_idx], "bk": a["bk"][kv_idx], "bv": a["bv"][kv_idx],
+               "bo": a["bo"][d_idx]}
+      mlp |= {"b_gate": m["b_gate"][f_idx], "b_up": m["b_up"][f_idx], "b_down": m["b_down"][d_idx]}
+    child[lm.block_key(new_i)] = {
+        "attn_norm": {"scale": p["attn_norm"]["scale"][d_idx]}, "attn": attn,
+        "mlp_norm": {"scale": p["mlp_norm"]["scale"][d_idx]}, "mlp": mlp}
+  return child, ccfg

@@ -1,0 +1,123 @@
+"""Weight subcloning on LM param pytrees: identity, validity, index consistency,
+scaling, errors, checkpoints."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from core import checkpoint
+from core.models import lm
+from subclone import importance, surgery
+
+CFG = lm.LMConfig(vocab_size=256, d_model=32, n_layers=4, n_heads=4, d_ff=48, max_seq_len=16)
+GQA = lm.LMConfig(vocab_size=256, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=48,
+                  max_seq_len=16, use_bias=True)
+apply = jax.jit(lm.apply, static_argnums=2)
+
+
+def _parent(cfg):
+  params = lm.init(jax.random.key(0), cfg)
+  tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 256)
+  return params, tokens, importance.lm_importance(params, tokens, cfg)
+
+
+@pytest.mark.parametrize("cfg", [CFG, GQA])
+def test_identity_subclone_returns_the_parent(cfg):
+  params, tokens, imp = _parent(cfg)
+  spec = surgery.ChildSpec(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers)
+  child, ccfg = surgery.subclone_lm(params, cfg, imp, spec, order="first")
+  assert ccfg == cfg
+  chex.assert_trees_all_equal(child, params)
+  # Importance order at full size is a consistent permutation: same function.
+  perm, _ = surgery.subclone_lm(params, cfg, imp, spec)
+  np.testing.assert_allclose(apply(perm, tokens, cfg), apply(params, tokens, cfg), atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [CFG, GQA])
+def test_child_is_a_valid_model_of_its_own_config(cfg):
+  params, tokens, imp = _parent(cfg)
+  child, ccfg = surgery.subclone_lm(params, cfg, imp, surgery.ChildSpec(16, 2, 24, 3))
+  chex.assert_trees_all_equal_shapes_and_dtypes(child, lm.init(jax.random.key(0), ccfg))
+  out = apply(child, tokens, ccfg)
+  chex.assert_shape(out, (4, 16, 256))
+  chex.assert_tree_all_finite(out)
+
+
+def test_known_important_neurons_heads_and_units_are_kept():
+  params, tokens, _ = _parent(CFG)
+  params = jax.tree_util.tree_map(lambda x: x, params)
+  # Residual neurons 3 and 7 carry large embeddings; head 2 of block 1 has a
+  # large value projection; MLP unit 5 of block 0 a large up projection.
+  params["embed"]["embedding"] = params["embed"]["embedding"].at[:, jnp.array([3, 7])].mul(20.0)
+  params["block_1"]["attn"]["wv"] = params["block_1"]["attn"]["wv"].at[:, 2].mul(20.0)
+  params["block_0"]["mlp"]["w_up"] = params["block_0"]["mlp"]["w_up"].at[:, 5].mul(20.0)
+  imp = importance.lm_importance(params, tokens, CFG)
+  assert set(importance.ranking(imp.residual)[:2]) == {3, 7}
+  assert importance.ranking(imp.heads[1])[0] == 2
+  assert importance.ranking(imp.mlp[0])[0] == 5
+  child, _ = surgery.subclone_lm(params, CFG, imp, surgery.ChildSpec(16, 2, 24, 4), scale=False)
+  emb = np.asarray(params["embed"]["embedding"])
+  np.testing.assert_array_equal(child["embed"]["embedding"][:, :2], emb[:, importance.ranking(imp.residual)[:2]])
+  d_idx = importance.ranking(imp.residual)[:16]
+  np.testing.assert_array_equal(child["block_1"]["attn"]["wv"][:, 0],
+                                np.asarray(params["block_1"]["attn"]["wv"])[d_idx, 2])
+  np.testing.assert_array_equal(child["block_0"]["mlp"]["w_up"][:, 0],
+                                np.asarray(params["block_0"]["mlp"]["w_up"])[d_idx, 5])
+
+
+def test_scaling_applies_to_residual_reading_weights_not_norms_or_biases():
+  params, _, imp = _parent(GQA)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.3 if path[-1].key.startswith("b") or path[-1].key == "scale" else x,
+      params)
+  spec = surgery.ChildSpec(16, 2, 24, 4)
+  scaled, _ = surgery.subclone_lm(params, GQA, imp, spec)
+  plain, _ = surgery.subclone_lm(params, GQA, imp, spec, scale=False)
+  s = np.sqrt(32 / 16)
+  for path in [("block_0", "attn", "wq"), ("block_2", "mlp", "w_up"), ("unembed", "kernel")]:
+    get = lambda t: np.asarray(t[path[0]][path[1]][path[2]] if len(path) == 3 else t[path[0]][path[1]])
+    np.testing.assert_allclose(get(scaled), s * get(plain), rtol=1e-6)
+  for path in [("block_0", "attn", "wo"), ("block_1", "mlp", "w_down"), ("block_0", "attn", "bq"),
+               ("block_3", "mlp", "b_down"), ("block_1", "attn_norm", "scale")]:
+    np.testing.assert_array_equal(scaled[path[0]][path[1]][path[2]], plain[path[0]][path[1]][path[2]])
+  np.testing.assert_array_equal(scaled["final_norm"]["scale"], plain["final_norm"]["scale"])
+
+
+def test_middle_blocks_are_removed_by_default():
+  assert surgery.kept_blocks(8, 6) == [0, 1, 2, 5, 6, 7]
+  assert surgery.kept_blocks(8, 5, "last") == [0, 1, 2, 3, 4]
+  assert surgery.kept_blocks(8, 2, "first") == [6, 7]
+  assert surgery.kept_blocks(8, 2, [7, 0]) == [0, 7]
+  params, _, imp = _parent(CFG)
+  child, _ = surgery.subclone_lm(params, CFG, imp, surgery.ChildSpec(32, 4, 48, 2), order="first")
+  chex.assert_trees_all_equal(child["block_1"], params["block_3"])
+
+
+@pytest.mark.parametrize("spec,match", [
+    (surgery.ChildSpec(64, 8, 48, 4), "d_model=64"),
+    (surgery.ChildSpec(16, 4, 48, 4), "head_dim"),
+    (surgery.ChildSpec(32, 4, 48, 0), "n_layers=0"),
+])
+def test_invalid_targets_are_rejected(spec, match):
+  params, _, imp = _parent(CFG)
+  with pytest.raises(ValueError, match=match):
+    surgery.subclone_lm(params, CFG, imp, spec)
+
+
+def test_gqa_heads_must_keep_whole_groups_and_bad_options_fail():
+  params, _, imp = _parent(GQA)
+  with pytest.raises(ValueError, match="KV group"):
+    surgery.subclone_lm(params, GQA, imp, surgery.ChildSpec(8, 1, 24, 2))
+  with pytest.raises(ValueError, match="unknown order"):
+    surgery.subclone_lm(params, GQA, imp, surgery.ChildSpec(16, 2, 24, 2), order="best")
+  with pytest.raises(ValueError, match="distinct"):
+    surgery.kept_blocks(4, 2, [1, 1])
+
+
+def test_child_restores_from_orbax(tmp_path):
+  params, _, imp = _parent(CFG)
+  child, _ = surgery.subclone_lm(params, CFG, imp, surgery.ChildSpec(16, 2, 24, 3))
+  checkpoint.save_pytree(str(tmp_path / "child"), child)
+  chex.assert_trees_all_equal(checkpoint.load_pytree(str(tmp_path / "child"), like=child), child)
