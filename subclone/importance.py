@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core.models import layers, lm
+from core.models import layers, lm, vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,3 +59,27 @@ def lm_importance(params: dict, tokens_BxL, cfg: lm.LMConfig) -> Importance:
 def ranking(scores: np.ndarray) -> np.ndarray:
   """Indices from most to least important (stable for ties)."""
   return np.argsort(-np.asarray(scores), kind="stable")
+
+
+def vit_importance(params: dict, images, cfg: vit.ViTConfig) -> Importance:
+  """The same three rankings for the ViT (heads are its attention heads)."""
+
+  @jax.jit
+  def collect(params, x):
+    h = vit.embed(params, x, cfg)
+    residual = jnp.mean(jnp.abs(h), axis=(0, 1))
+    heads, mlp = [], []
+    for i in range(cfg.n_layers):
+      p = params[f"block_{i}"]
+      o = vit.attention_heads(p["attn"], layers.layer_norm(h, **p["ln1"], eps=cfg.norm_eps))
+      heads.append(jnp.mean(jnp.abs(o), axis=(0, 1, 3)))
+      h = h + jnp.einsum("bthk,hkd->btd", o, p["attn"]["wo"]) + p["attn"]["bo"]
+      hidden = vit.mlp_hidden(p["mlp"], layers.layer_norm(h, **p["ln2"], eps=cfg.norm_eps))
+      mlp.append(jnp.mean(jnp.abs(hidden), axis=(0, 1)))
+      h = h + hidden @ p["mlp"]["w2"] + p["mlp"]["b2"]
+      residual = residual + jnp.mean(jnp.abs(h), axis=(0, 1))
+    return residual, heads, mlp
+
+  residual, heads, mlp = jax.device_get(collect(params, jnp.asarray(images)))
+  return Importance(np.asarray(residual), tuple(map(np.asarray, heads)),
+                    tuple(map(np.asarray, mlp)))

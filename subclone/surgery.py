@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from core.models import lm
+from core.models import lm, vit
 from subclone.importance import Importance, ranking
 
 ORDERS = ("importance", "first", "random")
@@ -31,17 +31,20 @@ class ChildSpec:
   n_layers: int
 
 
-def child_config(cfg: lm.LMConfig, spec: ChildSpec) -> lm.LMConfig:
-  """The child's config; raises a clear error for an invalid target."""
-  for name, child, parent in (("d_model", spec.d_model, cfg.d_model),
-                              ("n_heads", spec.n_heads, cfg.n_heads),
-                              ("d_ff", spec.d_ff, cfg.d_ff),
-                              ("n_layers", spec.n_layers, cfg.n_layers)):
+def _check_spec(cfg, spec: ChildSpec) -> None:
+  """Shared by LM and ViT configs (both have these four fields and head_dim)."""
+  for name in ("d_model", "n_heads", "d_ff", "n_layers"):
+    child, parent = getattr(spec, name), getattr(cfg, name)
     if not 1 <= child <= parent:
       raise ValueError(f"child {name}={child} must lie in [1, parent's {parent}]")
   if spec.d_model % spec.n_heads or spec.d_model // spec.n_heads != cfg.head_dim:
     raise ValueError(f"whole heads keep their width: d_model/n_heads must equal the parent's "
                      f"head_dim {cfg.head_dim}, got {spec.d_model}/{spec.n_heads}")
+
+
+def child_config(cfg: lm.LMConfig, spec: ChildSpec) -> lm.LMConfig:
+  """The child's config; raises a clear error for an invalid target."""
+  _check_spec(cfg, spec)
   group = cfg.n_heads // cfg.kv_heads
   if spec.n_heads % group:
     raise ValueError(f"n_heads={spec.n_heads} must be a multiple of the parent's KV group "
@@ -109,4 +112,41 @@ def subclone_lm(params: dict, cfg: lm.LMConfig, importance: Importance, spec: Ch
     child[lm.block_key(new_i)] = {
         "attn_norm": {"scale": p["attn_norm"]["scale"][d_idx]}, "attn": attn,
         "mlp_norm": {"scale": p["mlp_norm"]["scale"][d_idx]}, "mlp": mlp}
+  return child, ccfg
+
+
+def vit_child_config(cfg: vit.ViTConfig, spec: ChildSpec) -> vit.ViTConfig:
+  _check_spec(cfg, spec)
+  return dataclasses.replace(cfg, d_model=spec.d_model, n_heads=spec.n_heads, d_ff=spec.d_ff,
+                             n_layers=spec.n_layers)
+
+
+def subclone_vit(params: dict, cfg: vit.ViTConfig, importance: Importance, spec: ChildSpec, *,
+                 blocks: str | Sequence[int] = "middle", scale: bool = True,
+                 order: str = "importance", seed: int = 0) -> tuple[dict, vit.ViTConfig]:
+  """ViT surgery: patch embedding, class token and positions are subsampled on
+  the residual axis; Q/K/V, the MLP's first layer and the head are scaled."""
+  ccfg = vit_child_config(cfg, spec)
+  rng = np.random.default_rng(seed)
+  d_idx = _select(importance.residual, spec.d_model, order, rng)
+  s = math.sqrt(cfg.d_model / spec.d_model) if scale else 1.0
+  ln = lambda p: {"scale": p["scale"][d_idx], "bias": p["bias"][d_idx]}
+  child = {"patch_embed": {"kernel": params["patch_embed"]["kernel"][:, d_idx],
+                           "bias": params["patch_embed"]["bias"][d_idx]},
+           "cls": params["cls"][d_idx], "pos_embed": params["pos_embed"][:, d_idx],
+           "final_norm": ln(params["final_norm"]),
+           "head": {"kernel": params["head"]["kernel"][d_idx] * s, "bias": params["head"]["bias"]}}
+  for new_i, old_i in enumerate(kept_blocks(cfg.n_layers, spec.n_layers, blocks)):
+    p = params[f"block_{old_i}"]
+    h_idx = _select(importance.heads[old_i], spec.n_heads, order, rng)
+    f_idx = _select(importance.mlp[old_i], spec.d_ff, order, rng)
+    a, m = p["attn"], p["mlp"]
+    child[f"block_{new_i}"] = {
+        "ln1": ln(p["ln1"]), "ln2": ln(p["ln2"]),
+        "attn": {"wq": a["wq"][d_idx][:, h_idx] * s, "bq": a["bq"][h_idx],
+                 "wk": a["wk"][d_idx][:, h_idx] * s, "bk": a["bk"][h_idx],
+                 "wv": a["wv"][d_idx][:, h_idx] * s, "bv": a["bv"][h_idx],
+                 "wo": a["wo"][h_idx][:, :, d_idx], "bo": a["bo"][d_idx]},
+        "mlp": {"w1": m["w1"][d_idx][:, f_idx] * s, "b1": m["b1"][f_idx],
+                "w2": m["w2"][f_idx][:, d_idx], "b2": m["b2"][d_idx]}}
   return child, ccfg

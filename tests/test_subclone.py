@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from core import checkpoint
-from core.models import lm
+from core.models import lm, vit
 from subclone import importance, surgery
 
 CFG = lm.LMConfig(vocab_size=256, d_model=32, n_layers=4, n_heads=4, d_ff=48, max_seq_len=16)
@@ -121,3 +121,36 @@ def test_child_restores_from_orbax(tmp_path):
   child, _ = surgery.subclone_lm(params, CFG, imp, surgery.ChildSpec(16, 2, 24, 3))
   checkpoint.save_pytree(str(tmp_path / "child"), child)
   chex.assert_trees_all_equal(checkpoint.load_pytree(str(tmp_path / "child"), like=child), child)
+
+
+VIT = vit.ViTConfig(input_shape=(8, 8, 1), patch=4, d_model=32, n_layers=3, n_heads=4, d_ff=48)
+
+
+def _vit_parent():
+  params = vit.init(jax.random.key(0), VIT)
+  params["head"]["kernel"] = jax.random.normal(jax.random.key(2), params["head"]["kernel"].shape)
+  images = jax.random.uniform(jax.random.key(1), (6, 8, 8, 1))
+  return params, images, importance.vit_importance(params, images, VIT)
+
+
+def test_vit_identity_and_permuted_subclone_keep_the_function():
+  params, images, imp = _vit_parent()
+  spec = surgery.ChildSpec(32, 4, 48, 3)
+  same, ccfg = surgery.subclone_vit(params, VIT, imp, spec, order="first")
+  assert ccfg == VIT
+  chex.assert_trees_all_equal(same, params)
+  perm, _ = surgery.subclone_vit(params, VIT, imp, spec)
+  vit_apply = jax.jit(vit.apply, static_argnums=2)
+  np.testing.assert_allclose(vit_apply(perm, images, VIT), vit_apply(params, images, VIT),
+                             atol=1e-4)
+
+
+def test_vit_half_width_child_is_valid():
+  params, images, imp = _vit_parent()
+  child, ccfg = surgery.subclone_vit(params, VIT, imp, surgery.ChildSpec(16, 2, 24, 2))
+  chex.assert_trees_all_equal_shapes_and_dtypes(child, vit.init(jax.random.key(0), ccfg))
+  out = jax.jit(vit.apply, static_argnums=2)(child, images, ccfg)
+  chex.assert_shape(out, (6, 10))
+  chex.assert_tree_all_finite(out)
+  with pytest.raises(ValueError, match="head_dim"):
+    surgery.subclone_vit(params, VIT, imp, surgery.ChildSpec(16, 4, 24, 2))

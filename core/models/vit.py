@@ -81,26 +81,39 @@ def patchify(x_BxHxWxC: jax.Array, p: int) -> jax.Array:
   return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
+def attention_heads(a: dict, h_BxTxD: jax.Array) -> jax.Array:
+  """Per-head attention outputs (B, T, H, Dh) before the out-projection."""
+  q = jnp.einsum("btd,dhk->bthk", h_BxTxD, a["wq"]) + a["bq"]
+  k = jnp.einsum("btd,dhk->bthk", h_BxTxD, a["wk"]) + a["bk"]
+  v = jnp.einsum("btd,dhk->bthk", h_BxTxD, a["wv"]) + a["bv"]
+  return layers.dot_product_attention(q, k, v, None)
+
+
+def mlp_hidden(m: dict, h_BxTxD: jax.Array) -> jax.Array:
+  """GELU hidden activations (B, T, F)."""
+  return jax.nn.gelu(h_BxTxD @ m["w1"] + m["b1"])
+
+
 def block(p: dict, x_BxTxD: jax.Array, cfg: ViTConfig) -> jax.Array:
   a = p["attn"]
-  h = layers.layer_norm(x_BxTxD, **p["ln1"], eps=cfg.norm_eps)
-  q = jnp.einsum("btd,dhk->bthk", h, a["wq"]) + a["bq"]
-  k = jnp.einsum("btd,dhk->bthk", h, a["wk"]) + a["bk"]
-  v = jnp.einsum("btd,dhk->bthk", h, a["wv"]) + a["bv"]
-  o = layers.dot_product_attention(q, k, v, None)
+  o = attention_heads(a, layers.layer_norm(x_BxTxD, **p["ln1"], eps=cfg.norm_eps))
   x = x_BxTxD + jnp.einsum("bthk,hkd->btd", o, a["wo"]) + a["bo"]
-  h = layers.layer_norm(x, **p["ln2"], eps=cfg.norm_eps)
-  m = p["mlp"]
-  return x + jax.nn.gelu(h @ m["w1"] + m["b1"]) @ m["w2"] + m["b2"]
+  hidden = mlp_hidden(p["mlp"], layers.layer_norm(x, **p["ln2"], eps=cfg.norm_eps))
+  return x + hidden @ p["mlp"]["w2"] + p["mlp"]["b2"]
+
+
+def embed(params: dict, x: jax.Array, cfg: ViTConfig) -> jax.Array:
+  """Patch tokens plus class token and positions: (B, T+1, D)."""
+  tokens = patchify(x, cfg.patch) @ params["patch_embed"]["kernel"] + params["patch_embed"]["bias"]
+  cls = jnp.broadcast_to(params["cls"], (x.shape[0], 1, cfg.d_model))
+  return jnp.concatenate([cls, tokens], axis=1) + params["pos_embed"]
 
 
 def apply(params: dict, x: jax.Array, cfg: ViTConfig) -> jax.Array:
   """Logits (B, num_classes) for images (B, H, W, C)."""
   if tuple(x.shape[1:]) != tuple(cfg.input_shape):
     raise ValueError(f"ViT expects inputs (B, {cfg.input_shape}), got {x.shape}")
-  tokens = patchify(x, cfg.patch) @ params["patch_embed"]["kernel"] + params["patch_embed"]["bias"]
-  cls = jnp.broadcast_to(params["cls"], (x.shape[0], 1, cfg.d_model))
-  h = jnp.concatenate([cls, tokens], axis=1) + params["pos_embed"]
+  h = embed(params, x, cfg)
   for i in range(cfg.n_layers):
     h = block(params[f"block_{i}"], h, cfg)
   h = layers.layer_norm(h[:, 0], **params["final_norm"], eps=cfg.norm_eps)
