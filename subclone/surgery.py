@@ -20,7 +20,7 @@ import numpy as np
 from core.models import lm, vit
 from subclone.importance import Importance, ranking
 
-ORDERS = ("importance", "first", "random")
+ORDERS = ("importance", "first", "random", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +79,8 @@ def _select(scores: np.ndarray, k: int, order: str, rng: np.random.Generator) ->
     return np.arange(k)
   if order == "random":
     return rng.permutation(len(scores))[:k]
+  if order == "uniform":  # evenly spaced, as weight selection does
+    return (np.arange(k) * len(scores)) // k
   raise ValueError(f"unknown order {order!r}; choose one of {ORDERS}")
 
 

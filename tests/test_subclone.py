@@ -154,3 +154,27 @@ def test_vit_half_width_child_is_valid():
   chex.assert_tree_all_finite(out)
   with pytest.raises(ValueError, match="head_dim"):
     surgery.subclone_vit(params, VIT, imp, surgery.ChildSpec(16, 4, 24, 2))
+
+
+def test_weight_selection_takes_evenly_spaced_indices_and_first_layers():
+  from subclone import peers
+  params, _, _ = _parent(CFG)
+  child, ccfg = peers.weight_selection(params, CFG, surgery.ChildSpec(16, 2, 24, 2))
+  d_idx = np.arange(0, 32, 2)  # every other neuron: 16 of 32
+  np.testing.assert_array_equal(child["embed"]["embedding"],
+                                np.asarray(params["embed"]["embedding"])[:, d_idx])
+  np.testing.assert_array_equal(child["block_1"]["mlp"]["w_down"],
+                                np.asarray(params["block_1"]["mlp"]["w_down"])[np.arange(0, 48, 2)][:, d_idx])
+  assert ccfg.n_layers == 2
+
+
+def test_block_influence_finds_an_identity_block():
+  from subclone import peers
+  params, tokens, _ = _parent(CFG)
+  params = jax.tree_util.tree_map(lambda x: x, params)
+  params["block_2"]["attn"]["wo"] = jnp.zeros_like(params["block_2"]["attn"]["wo"])
+  params["block_2"]["mlp"]["w_down"] = jnp.zeros_like(params["block_2"]["mlp"]["w_down"])
+  bi = peers.block_influence(params, tokens, CFG)
+  np.testing.assert_allclose(bi[2], 0.0, atol=1e-6)
+  assert (np.delete(bi, 2) > 1e-4).all()
+  assert peers.blocks_by_influence(bi, 3) == [0, 1, 3]
