@@ -178,3 +178,28 @@ def test_block_influence_finds_an_identity_block():
   np.testing.assert_allclose(bi[2], 0.0, atol=1e-6)
   assert (np.delete(bi, 2) > 1e-4).all()
   assert peers.blocks_by_influence(bi, 3) == [0, 1, 3]
+
+
+def test_steps_to_reach_reads_eval_records_only():
+  from subclone import study
+  hist = [{"step": 5, "split": "train", "loss": 0.1}, {"step": 10, "split": "eval", "loss": 2.0},
+          {"step": 20, "split": "eval", "loss": 1.4}, {"step": 30, "split": "eval", "loss": 1.2}]
+  assert study.steps_to_reach(hist, 1.5) == 20
+  assert study.steps_to_reach(hist, 1.0) is None
+
+
+def test_lm_speedup_plumbing_on_a_tiny_parent(tmp_path):
+  from core.recipes import train_lm
+  from core.train import TrainConfig
+  from subclone import study
+  pcfg = lm.LMConfig(d_model=32, n_layers=3, n_heads=4, d_ff=32, max_seq_len=32)
+  train_lm(pcfg, TrainConfig(steps=4, batch_size=4, warmup_steps=1), eval_windows=2,
+           workdir=str(tmp_path), progress=False)
+  parent, cfg = study.load_parent(str(tmp_path))
+  assert cfg == pcfg
+  res = study.lm_speedup(parent, cfg, study.SpeedupConfig(
+      surgery.ChildSpec(16, 2, 16, 2), steps=6, batch=2, seq_len=32, eval_every=3,
+      eval_windows=2, calib_seqs=2), progress=False)
+  r = res["seeds"][0]
+  assert r["steps_random"] in (3, 6)  # random init reaches its own final loss by the end
+  assert len(r["subcloned"]["curve"]) == 2 and res["child_config"]["d_model"] == 16
