@@ -92,8 +92,7 @@ def worker(cfg_kwargs: dict, bench_kwargs: dict) -> dict:
   # Stand-alone all-reduce latency per message size, for fitting alpha/beta.
   ar = {}
   for n_el in bench.ar_sizes:
-    x = sharding.replicate(np.ones((jax.device_count(), n_el), np.float32), mesh)
-    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, P(sharding.TP)))
+    x = sharding.place(np.ones((jax.device_count(), n_el), np.float32), mesh, P(sharding.TP))
     f = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, sharding.TP), mesh=mesh,
                               in_specs=P(sharding.TP), out_specs=P()))
     jax.block_until_ready(f(x))

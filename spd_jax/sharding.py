@@ -86,9 +86,14 @@ def shard_cache(cache: Any, mesh: Mesh) -> Any:
                                 cache, cache_specs(cache))
 
 
+def place(x: Any, mesh: Mesh, spec: P) -> jax.Array:
+  """A host value (identical on every process) as a global array laid out by ``spec``."""
+  return _put(x, NamedSharding(mesh, spec))
+
+
 def replicate(x: Any, mesh: Mesh) -> jax.Array:
   """A host value as a replicated global array (needed when the mesh spans processes)."""
-  return _put(x, NamedSharding(mesh, P()))
+  return place(x, mesh, P())
 
 
 def split_for_devices(sub: dict, n: int) -> dict:

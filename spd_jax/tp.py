@@ -100,15 +100,10 @@ def tp_block(p: dict, x_BxLxD: jax.Array, pos: jax.Array, cfg: lm.LMConfig,
 
 
 def _local_forward(params, tokens_BxL, cache, pos, *, cfg, plan, residual, no_sync):
-  x = lm.embed(params, tokens_BxL)
-  new_cache = {} if cache is not None else None
-  for i in range(cfg.n_layers):
-    key = lm.block_key(i)
-    kv = cache[key] if cache is not None else None
-    x, new_kv = tp_block(params[key], x, pos, cfg, kv, drop_attn_sync=plan.drop_attn[i],
-                         residual=residual, no_sync=no_sync)
-    if cache is not None:
-      new_cache[key] = new_kv
+  def block_fn(i, p, x, pos, kv):
+    return tp_block(p, x, pos, cfg, kv, drop_attn_sync=plan.drop_attn[i], residual=residual,
+                    no_sync=no_sync)
+  x, new_cache = lm.run_blocks(params, lm.embed(params, tokens_BxL), pos, cfg, cache, block_fn)
   return lm.unembed(params, x, cfg), new_cache
 
 

@@ -207,14 +207,27 @@ def forward(params: Params, tokens_BxL: jax.Array, cfg: LMConfig, *,
     raise ValueError(f"positions up to {pos + tokens_BxL.shape[1]} exceed the "
                      f"{'cache length' if cache is not None else 'max_seq_len'} {limit}")
   pos = jnp.asarray(pos, jnp.int32)
-  x = embed(params, tokens_BxL)
+  x, new_cache = run_blocks(params, embed(params, tokens_BxL), pos, cfg, cache,
+                            lambda i, p, x, pos, kv: block(p, x, pos, cfg, kv))
+  return unembed(params, x, cfg), new_cache
+
+
+BlockFn = Callable[[int, Params, jax.Array, jax.Array, Cache | None],
+                   tuple[jax.Array, Cache | None]]
+
+
+def run_blocks(params: Params, x_BxLxD: jax.Array, pos: jax.Array, cfg: LMConfig,
+               cache: Cache | None, block_fn: BlockFn) -> tuple[jax.Array, Cache | None]:
+  """Threads the residual stream and the per-block KV cache through every
+  block; ``block_fn(i, params_i, x, pos, kv)`` is the block (dense or sharded)."""
   new_cache = {} if cache is not None else None
   for i in range(cfg.n_layers):
-    kv = cache[block_key(i)] if cache is not None else None
-    x, new_kv = block(params[block_key(i)], x, pos, cfg, kv)
+    key = block_key(i)
+    x_BxLxD, new_kv = block_fn(i, params[key], x_BxLxD, pos,
+                               cache[key] if cache is not None else None)
     if cache is not None:
-      new_cache[block_key(i)] = new_kv
-  return unembed(params, x, cfg), new_cache
+      new_cache[key] = new_kv
+  return x_BxLxD, new_cache
 
 
 def apply(params: Params, tokens_BxL: jax.Array, cfg: LMConfig) -> jax.Array:
