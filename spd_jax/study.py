@@ -126,15 +126,26 @@ def residual_ablation(params, cfg: StudyConfig, n: int, windows, cloze_set, orde
           for r in ("sum", "mean")}
 
 
+def train_model(cfg: StudyConfig, model_dir: str | None = None, progress: bool = True):
+  """Trains (or resumes, or just loads) the study's LM in ``model_dir``; also the
+  parent the subcloning study reuses."""
+  tcfg = TrainConfig(steps=cfg.train_steps, batch_size=cfg.train_batch, lr=3e-3,
+                     warmup_steps=max(1, cfg.train_steps // 10), ckpt_every=100,
+                     log_every=max(1, cfg.train_steps // 40))
+  return train_lm(cfg.model, tcfg, seq_len=cfg.seq_len, eval_windows=cfg.eval_windows,
+                  workdir=model_dir, progress=progress)
+
+
+def default_model_dir(quick: bool, outdir: str) -> str:
+  """Where the report's study LM lives (quick: under ``outdir``; full: ``runs/``)."""
+  return os.path.join(outdir, "models", "spd_quick_lm") if quick else "runs/spd_study_lm"
+
+
 def run_study(cfg: StudyConfig, outdir: str, model_dir: str | None = None,
               progress: bool = True) -> report.Section:
   """Trains (or resumes) the model in ``model_dir``, runs the study, returns the section."""
   ds = data.load("kjv")
-  tcfg = TrainConfig(steps=cfg.train_steps, batch_size=cfg.train_batch, lr=3e-3,
-                     warmup_steps=max(1, cfg.train_steps // 10), ckpt_every=100,
-                     log_every=max(1, cfg.train_steps // 40))
-  trained = train_lm(cfg.model, tcfg, seq_len=cfg.seq_len, eval_windows=cfg.eval_windows,
-                     workdir=model_dir, progress=progress)
+  trained = train_model(cfg, model_dir, progress)
   params = trained.params
   windows = data.text_eval_windows(ds.x_test, cfg.seq_len, cfg.eval_windows)
   cloze_set = cloze.build(ds.x_test, cfg.cloze_items, cfg.cloze_context, seed=0)
@@ -208,6 +219,4 @@ def render_saved(cfg: StudyConfig, outdir: str) -> report.Section:
 
 
 def section(quick: bool, outdir: str) -> report.Section:
-  if quick:
-    return run_study(QUICK, outdir)
-  return run_study(FULL, outdir, model_dir="runs/spd_study_lm")
+  return run_study(QUICK if quick else FULL, outdir, model_dir=default_model_dir(quick, outdir))

@@ -1,89 +1,164 @@
-"""Training-speed study: a child LM trained from a subcloned init vs from random
-init, same data order. Speed-up = steps random init needs to reach its own
-final validation loss / steps the subcloned child needs to reach that loss."""
+"""The subcloning training-speed studies: a half-width child of a trained LM
+(on KJV) and of a trained ViT (on Fashion-MNIST), trained from random init and
+from the subcloned init with the same data order per seed.
+
+Protocol, per model:
+1. Sweep seed: random init over ``random_grid`` (the reference is the recipe
+   with the lowest final loss) and the subcloned child over ``sub_grid`` (the
+   best speed-up wins). Selection uses only ``sweep_seed``.
+2. Report seeds (disjoint from the sweep seed): random vs subcloned at the
+   chosen recipes; speed-up per seed.
+3. Ablations and peers (LM; on the sweep seed, the chosen subcloned recipe,
+   same budget): every variant's speed-up against the same random reference.
+Every finished run is cached in a JSON file so an interrupted study resumes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import math
 import os
+from typing import Any, Callable
 
 import jax
 
 from core import data, evaluation
 from core.checkpoint import CheckpointManager
-from core.models import lm
-from core.train import TrainConfig, train
-from subclone.importance import lm_importance
-from subclone.surgery import ChildSpec, subclone_lm
+from core.models import layers, lm, vit
+from subclone import peers
+from subclone.importance import lm_importance, vit_importance
+from subclone.speedup import Budget, Recipe, RunCache, speedup, train_run
+from subclone.surgery import ChildSpec, subclone_lm, subclone_vit
+
+ABLATIONS = ("no scaling", "first d' (no reordering)", "random indices", "remove last blocks",
+             "weight selection (peer)", "block influence (peer)")
 
 
 @dataclasses.dataclass(frozen=True)
-class SpeedupConfig:
-  spec: ChildSpec
-  steps: int = 300
-  batch: int = 16
+class StudyConfig:
+  budget: Budget
+  random_grid: tuple[Recipe, ...]
+  sub_grid: tuple[Recipe, ...]
+  seeds: tuple[int, ...] = (1, 2, 3)
+  sweep_seed: int = 0
+  ablations: tuple[str, ...] = ABLATIONS
+  depth_frac: float = 2 / 3      # child depth / parent depth (1 keeps every block)
+  calib: int = 16                # calibration sequences / images for importance
+  eval_size: int = 16            # validation windows (LM) / hundreds of test images (ViT)
   seq_len: int = 128
-  eval_every: int = 25
-  eval_windows: int = 16
-  random_lr: float = 3e-3     # the usual recipe for random init
-  random_wd: float = 0.1
-  sub_lr: float = 1e-3        # subcloned children want a lower lr and weight decay
-  sub_wd: float = 0.001
-  seeds: tuple[int, ...] = (0,)
-  calib_seqs: int = 16
 
 
-def steps_to_reach(history: list[dict], target: float) -> int | None:
-  """First evaluated step whose validation loss is <= ``target`` (None: never)."""
-  for r in history:
-    if r["split"] == "eval" and r["loss"] <= target:
-      return r["step"]
-  return None
+def child_spec(cfg: Any, depth_frac: float) -> ChildSpec:
+  """About half the width (whole heads) and ``depth_frac`` of the depth."""
+  return ChildSpec(d_model=cfg.d_model // 2, n_heads=max(1, cfg.n_heads // 2),
+                   d_ff=cfg.d_ff // 2, n_layers=max(1, round(depth_frac * cfg.n_layers)))
 
 
-def load_parent(workdir: str) -> tuple[dict, lm.LMConfig]:
-  """Params and config of an LM trained by ``experiments.train_lm`` in ``workdir``."""
+def load_parent(workdir: str, config_cls=lm.LMConfig) -> tuple[dict, Any]:
+  """Params and config of a model trained by a ``core.recipes`` run in ``workdir``."""
   with open(os.path.join(workdir, "summary.json")) as f:
-    cfg = lm.LMConfig(**json.load(f)["model_config"])
+    raw = json.load(f)["model_config"]
+  if "input_shape" in raw:
+    raw["input_shape"] = tuple(raw["input_shape"])
+  cfg = config_cls(**raw)
   restored = CheckpointManager(os.path.join(workdir, "checkpoints")).restore(None)
   if restored is None:
     raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
   return restored[1]["params"], cfg
 
 
-def lm_speedup(parent: dict, parent_cfg: lm.LMConfig, cfg: SpeedupConfig,
-               progress: bool = True) -> dict:
-  """Per seed: initial and final losses, steps to target, speed-up; plus the curves."""
+def _nan_low(x: float) -> float:
+  return -math.inf if x is None or math.isnan(x) else x
+
+
+def _compare(children: dict[str, Callable[[], Any]], random_init: Callable[[int], Any],
+             cfg: StudyConfig, run: Callable[[str, Any, Recipe, int], dict]) -> dict:
+  """Steps 1-3 of the protocol for one model; ``children['subcloned']`` is the method."""
+  s0 = cfg.sweep_seed
+  refs = {r.tag: run("random", lambda: random_init(s0), r, s0) for r in cfg.random_grid}
+  rand = min(cfg.random_grid, key=lambda r: refs[r.tag]["final_loss"])
+  ref0 = refs[rand.tag]
+  sweep = {r.tag: speedup(ref0, run("subcloned", children["subcloned"], r, s0))
+           for r in cfg.sub_grid}
+  best = max(cfg.sub_grid, key=lambda r: (_nan_low(sweep[r.tag]["speedup"]),
+                                          -sweep[r.tag]["target"]))
+  seeds = {}
+  for s in cfg.seeds:
+    ref, sub = run("random", lambda: random_init(s), rand, s), run("subcloned",
+                                                                    children["subcloned"], best, s)
+    seeds[s] = {"random": ref, "subcloned": sub, **speedup(ref, sub)}
+  variants = {"subcloned": children["subcloned"]} | {n: children[n] for n in cfg.ablations}
+  runs = {n: run(n, init, best, s0) for n, init in variants.items()} | {"random init": ref0}
+  variants = {n: {**speedup(ref0, r), "run": r} for n, r in runs.items()}
+  return {"random_recipe": dataclasses.asdict(rand), "random_sweep": refs,
+          "sub_recipe": dataclasses.asdict(best), "sweep": sweep, "seeds": seeds,
+          "variants": variants}
+
+
+def _runner(cache: RunCache, init_loss: Callable, batch_fn: Callable, eval_fn: Callable,
+            budget: Budget, progress: bool) -> Callable[[str, Any, Recipe, int], dict]:
+  def run(name: str, init: Callable[[], Any], recipe: Recipe, seed: int) -> dict:
+    return cache.get(f"{name}|{recipe.tag}|seed{seed}", lambda: train_run(
+        init(), init_loss, functools.partial(batch_fn, seed), eval_fn, recipe, budget, seed,
+        desc=f"{name} {recipe.tag} seed {seed}", progress=progress))
+  return run
+
+
+def lm_study(parent: dict, parent_cfg: lm.LMConfig, cfg: StudyConfig, cache_path: str | None,
+             progress: bool = True) -> dict:
+  """The LM study (protocol above) for a trained parent; returns JSON-ready results."""
   ds = data.load("kjv")
-  windows = data.text_eval_windows(ds.x_test, cfg.seq_len, cfg.eval_windows)
-  calib = data.text_batch(ds.x_train, cfg.calib_seqs, cfg.seq_len, seed=4321, step=0)["tokens"]
-  child, ccfg = subclone_lm(parent, parent_cfg, lm_importance(parent, calib[:, :-1], parent_cfg),
-                            cfg.spec)
+  windows = data.text_eval_windows(ds.x_test, cfg.seq_len, cfg.eval_size)
+  calib = data.text_batch(ds.x_train, cfg.calib, cfg.seq_len, seed=4321, step=0)["tokens"][:, :-1]
+  spec = child_spec(parent_cfg, cfg.depth_frac)
+  imp = lm_importance(parent, calib, parent_cfg)
+  sub = lambda **kw: subclone_lm(parent, parent_cfg, imp, spec, **kw)[0]
+  ccfg = subclone_lm(parent, parent_cfg, imp, spec)[1]
+  bi = peers.block_influence(parent, calib, parent_cfg)
+  children = {
+      "subcloned": sub,
+      "no scaling": lambda: sub(scale=False),
+      "first d' (no reordering)": lambda: sub(order="first"),
+      "random indices": lambda: sub(order="random"),
+      "remove last blocks": lambda: sub(blocks="last"),
+      "weight selection (peer)": lambda: peers.weight_selection(parent, parent_cfg, spec)[0],
+      "block influence (peer)": lambda: sub(blocks=peers.blocks_by_influence(bi, spec.n_layers)),
+  }
   apply = functools.partial(lm.apply, cfg=ccfg)
-  eval_fn = lambda p: {"loss": evaluation.lm_metrics(apply, p, windows)["loss"]}
-  loss_fn = functools.partial(lm.loss, cfg=ccfg)
-  out = {"child_config": dataclasses.asdict(ccfg), "seeds": {}}
-  for seed in cfg.seeds:
-    batch_fn = lambda s, seed=seed: data.text_batch(ds.x_train, cfg.batch, cfg.seq_len, seed, s)
-    runs = {}
-    for name, init, lr, wd in (("random", lm.init(jax.random.key(seed), ccfg), cfg.random_lr,
-                                cfg.random_wd), ("subcloned", child, cfg.sub_lr, cfg.sub_wd)):
-      tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=lr, weight_decay=wd,
-                         warmup_steps=max(1, cfg.steps // 10), seed=seed,
-                         eval_every=cfg.eval_every, log_every=cfg.eval_every)
-      res = train(loss_fn, init, batch_fn, tcfg, eval_fn=eval_fn, progress=progress,
-                  desc=f"{name} seed {seed}")
-      runs[name] = {"initial_loss": eval_fn(init)["loss"], "final_loss": res.final_eval["loss"],
-                    "curve": [(r["step"], r["loss"]) for r in res.history if r["split"] == "eval"],
-                    "history": res.history}
-    target = runs["random"]["final_loss"]
-    n_random = steps_to_reach(runs["random"]["history"], target)
-    n_sub = steps_to_reach(runs["subcloned"]["history"], target)
-    for r in runs.values():
-      del r["history"]
-    out["seeds"][seed] = {**runs, "target": target, "steps_random": n_random,
-                          "steps_subcloned": n_sub,
-                          "speedup": n_random / n_sub if n_sub else float("nan")}
-  return out
+  meta = {"parent": dataclasses.asdict(parent_cfg), "study": dataclasses.asdict(cfg)}
+  run = _runner(RunCache(cache_path, meta), functools.partial(lm.loss, cfg=ccfg),
+                lambda seed, step: data.text_batch(ds.x_train, cfg.budget.batch, cfg.seq_len,
+                                                   seed, step),
+                lambda p: evaluation.lm_metrics(apply, p, windows)["loss"], cfg.budget, progress)
+  out = _compare(children, lambda s: lm.init(jax.random.key(s), ccfg), cfg, run)
+  return {"parent_config": dataclasses.asdict(parent_cfg), "child_config": dataclasses.asdict(ccfg),
+          "block_influence": bi.tolist(), **out}
+
+
+def vit_study(parent: dict, parent_cfg: vit.ViTConfig, ds: data.Dataset, cfg: StudyConfig,
+              cache_path: str | None, progress: bool = True) -> dict:
+  """The ViT study: the subcloned child against random init (no ablations)."""
+  n_eval = min(len(ds.x_test), 100 * cfg.eval_size)
+  x_eval, y_eval = ds.x_test[:n_eval], ds.y_test[:n_eval]
+  spec = child_spec(parent_cfg, cfg.depth_frac)
+  imp = vit_importance(parent, ds.x_train[:cfg.calib], parent_cfg)
+  child, ccfg = subclone_vit(parent, parent_cfg, imp, spec)
+  apply = functools.partial(vit.apply, cfg=ccfg)
+
+  def loss_fn(params, batch):
+    logits = apply(params, batch["x"])
+    ce = layers.cross_entropy(logits, batch["y"])
+    return ce, {"loss": ce}
+
+  meta = {"parent": dataclasses.asdict(parent_cfg), "study": dataclasses.asdict(cfg),
+          "dataset": ds.name}
+  run = _runner(RunCache(cache_path, meta), loss_fn,
+                lambda seed, step: data.image_batch(ds, cfg.budget.batch, seed, step),
+                lambda p: evaluation.classifier_metrics(apply, p, x_eval, y_eval)["loss"],
+                cfg.budget, progress)
+  out = _compare({"subcloned": lambda: child}, lambda s: vit.init(jax.random.key(s), ccfg),
+                 dataclasses.replace(cfg, ablations=()), run)
+  return {"parent_config": dataclasses.asdict(parent_cfg), "child_config": dataclasses.asdict(ccfg),
+          "dataset": ds.name, **out}

@@ -1,5 +1,7 @@
 """Weight subcloning on LM param pytrees: identity, validity, index consistency,
-scaling, errors, checkpoints."""
+scaling, errors, checkpoints; the speed-up study's plumbing."""
+
+import json
 
 import chex
 import jax
@@ -180,26 +182,52 @@ def test_block_influence_finds_an_identity_block():
   assert peers.blocks_by_influence(bi, 3) == [0, 1, 3]
 
 
-def test_steps_to_reach_reads_eval_records_only():
-  from subclone import study
-  hist = [{"step": 5, "split": "train", "loss": 0.1}, {"step": 10, "split": "eval", "loss": 2.0},
-          {"step": 20, "split": "eval", "loss": 1.4}, {"step": 30, "split": "eval", "loss": 1.2}]
-  assert study.steps_to_reach(hist, 1.5) == 20
-  assert study.steps_to_reach(hist, 1.0) is None
+def test_crossing_step_interpolates_between_evaluations():
+  from subclone.speedup import crossing_step
+  curve = [(0, 3.0), (10, 2.0), (20, 1.0), (30, 1.2)]
+  assert crossing_step(curve, 1.5) == 15.0          # halfway from 2.0 to 1.0
+  assert crossing_step(curve, 3.5) == 0.0
+  assert crossing_step(curve, 0.5) is None
 
 
-def test_lm_speedup_plumbing_on_a_tiny_parent(tmp_path):
+def test_speedup_is_the_ratio_of_crossing_steps():
+  from subclone.speedup import speedup
+  ref = {"final_loss": 1.0, "curve": [(0, 5.0), (40, 2.0), (80, 1.0)]}
+  run = {"final_loss": 0.8, "curve": [(0, 2.0), (10, 1.5), (20, 1.0)]}
+  r = speedup(ref, run)
+  assert (r["steps_reference"], r["steps"], r["speedup"]) == (80.0, 20.0, 4.0)
+
+
+def test_run_cache_resumes_and_ignores_other_studies(tmp_path):
+  from subclone.speedup import RunCache
+  path, calls = str(tmp_path / "runs.json"), []
+  make = lambda: calls.append(1) or {"final_loss": 1.0}
+  RunCache(path, {"a": 1}).get("k", make)
+  assert RunCache(path, {"a": 1}).get("k", make) == {"final_loss": 1.0} and len(calls) == 1
+  RunCache(path, {"a": 2}).get("k", make)   # a different study does not reuse the run
+  assert len(calls) == 2
+
+
+def test_lm_study_plumbing_on_a_tiny_parent(tmp_path):
   from core.recipes import train_lm
   from core.train import TrainConfig
   from subclone import study
+  from subclone.speedup import Budget, Recipe
   pcfg = lm.LMConfig(d_model=32, n_layers=3, n_heads=4, d_ff=32, max_seq_len=32)
-  train_lm(pcfg, TrainConfig(steps=4, batch_size=4, warmup_steps=1), eval_windows=2,
+  train_lm(pcfg, TrainConfig(steps=30, batch_size=8, lr=1e-2, warmup_steps=3), eval_windows=2,
            workdir=str(tmp_path), progress=False)
   parent, cfg = study.load_parent(str(tmp_path))
   assert cfg == pcfg
-  res = study.lm_speedup(parent, cfg, study.SpeedupConfig(
-      surgery.ChildSpec(16, 2, 16, 2), steps=6, batch=2, seq_len=32, eval_every=3,
-      eval_windows=2, calib_seqs=2), progress=False)
-  r = res["seeds"][0]
-  assert r["steps_random"] in (3, 6)  # random init reaches its own final loss by the end
-  assert len(r["subcloned"]["curve"]) == 2 and res["child_config"]["d_model"] == 16
+  scfg = study.StudyConfig(budget=Budget(steps=4, batch=2, eval_every=2),
+                           random_grid=(Recipe(3e-3, 0.1),), sub_grid=(Recipe(1e-3, 0.0),),
+                           seeds=(1,), ablations=("weight selection (peer)",),
+                           calib=2, eval_size=2, seq_len=32)
+  res = study.lm_study(parent, cfg, scfg, str(tmp_path / "runs.json"), progress=False)
+  assert res["child_config"]["d_model"] == 16 and res["child_config"]["n_layers"] == 2
+  assert set(res["variants"]) == {"subcloned", "weight selection (peer)", "random init"}
+  assert res["variants"]["random init"]["speedup"] == 1.0
+  r = res["seeds"][1]
+  assert [s for s, _ in r["subcloned"]["curve"]] == [0, 2, 4]
+  # Subcloning a trained parent starts below a random init's loss (ln 256 = 5.5).
+  assert r["subcloned"]["initial_loss"] < r["random"]["initial_loss"]
+  assert len(json.load(open(tmp_path / "runs.json"))["runs"]) == 5

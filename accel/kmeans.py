@@ -1,0 +1,124 @@
+"""Jitted k-means: k-means++ seeding, Lloyd iterations with a centre-shift
+tolerance (scikit-learn's rule), empty clusters relocated to the worst-served
+points, optional per-point weights. Deterministic under a seed.
+
+RAPIDNN clusters scalars (one layer's weights or input values), so the
+distance is computed by broadcasting (N, k, D) rather than by the
+|x|^2 - 2x.c + |c|^2 expansion, which cancels badly for close 1-D values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class KMeansResult:
+  centroids: np.ndarray   # (k, D); (k,) when the input was 1-D
+  labels: np.ndarray      # (N,)
+  inertia: float          # sum_i w_i |x_i - c_{label_i}|^2
+  history: np.ndarray     # inertia after each assignment step (non-increasing)
+  n_iter: int
+
+
+def _sq_dist(x_NxD: jax.Array, c_KxD: jax.Array) -> jax.Array:
+  return jnp.sum((x_NxD[:, None, :] - c_KxD[None]) ** 2, axis=-1)
+
+
+def _plusplus(x_NxD, w_N, key, k: int):
+  """k-means++: each next centre is drawn with probability ~ w * D^2."""
+  n = x_NxD.shape[0]
+  keys = jax.random.split(key, k)
+  first = jax.random.choice(keys[0], n, p=w_N / jnp.sum(w_N))
+  c = jnp.zeros((k, x_NxD.shape[1]), x_NxD.dtype).at[0].set(x_NxD[first])
+  d2 = jnp.sum((x_NxD - x_NxD[first]) ** 2, -1)
+
+  def body(i, carry):
+    c, d2 = carry
+    p = w_N * d2
+    # All points coincide with chosen centres: fall back to uniform draws.
+    p = jnp.where(jnp.sum(p) > 0, p, w_N)
+    j = jax.random.choice(keys[i], n, p=p / jnp.sum(p))
+    d2 = jnp.minimum(d2, jnp.sum((x_NxD - x_NxD[j]) ** 2, -1))
+    return c.at[i].set(x_NxD[j]), d2
+
+  c, _ = jax.lax.fori_loop(1, k, body, (c, d2))
+  return c
+
+
+@functools.partial(jax.jit, static_argnames=("k", "max_iter"))
+def _kmeans(x_NxD, w_N, key, tol, k: int, max_iter: int):
+  c0 = _plusplus(x_NxD, w_N, key, k)
+
+  def assign(c):
+    d = _sq_dist(x_NxD, c)
+    lab = jnp.argmin(d, axis=1)
+    dmin = jnp.take_along_axis(d, lab[:, None], 1)[:, 0]
+    return lab, dmin
+
+  def update(c, lab, dmin):
+    cnt = jax.ops.segment_sum(w_N, lab, k)
+    sums = jax.ops.segment_sum(w_N[:, None] * x_NxD, lab, k)
+    means = sums / jnp.maximum(cnt, 1e-30)[:, None]
+    # Empty clusters take the worst-served points (distinct ones, worst first);
+    # they own no points, so moving them cannot raise the inertia.
+    empty = cnt <= 0
+    rank = jnp.cumsum(empty) - 1
+    _, worst = jax.lax.top_k(w_N * dmin, k)
+    return jnp.where(empty[:, None], x_NxD[worst[jnp.clip(rank, 0, k - 1)]], means)
+
+  def cond(s):
+    _, it, shift, _ = s
+    return (it < max_iter) & (shift > tol)
+
+  def body(s):
+    c, it, _, hist = s
+    lab, dmin = assign(c)
+    hist = hist.at[it].set(jnp.sum(w_N * dmin))
+    new = update(c, lab, dmin)
+    return new, it + 1, jnp.sum((new - c) ** 2), hist
+
+  hist0 = jnp.full((max_iter,), jnp.nan, x_NxD.dtype)
+  c, it, _, hist = jax.lax.while_loop(cond, body, (c0, 0, jnp.inf, hist0))
+  lab, dmin = assign(c)
+  return c, lab, jnp.sum(w_N * dmin), hist, it
+
+
+def kmeans(x, k: int, *, seed: int = 0, weights=None, max_iter: int = 100,
+           tol: float = 1e-4) -> KMeansResult:
+  """Clusters ``x`` ((N,) or (N, D)) into ``k`` centres.
+
+  ``tol`` is relative to the data's mean per-feature variance, as in
+  scikit-learn: iterations stop when the summed squared centre shift is below it.
+  """
+  x = np.asarray(x, np.float32)
+  flat = x.ndim == 1
+  x2 = x[:, None] if flat else x
+  if x2.ndim != 2 or x2.shape[0] == 0:
+    raise ValueError(f"kmeans expects (N,) or (N, D) data with N >= 1, got shape {x.shape}")
+  if not 1 <= k <= x2.shape[0]:
+    raise ValueError(f"k={k} clusters need 1 <= k <= number of points ({x2.shape[0]})")
+  if max_iter < 1:
+    raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+  w = np.ones(len(x2), np.float32) if weights is None else np.asarray(weights, np.float32)
+  if w.shape != (len(x2),) or (w < 0).any() or not w.sum() > 0:
+    raise ValueError("weights must be (N,), non-negative and not all zero")
+  abs_tol = tol * float(np.mean(np.var(x2, axis=0)))
+  c, lab, inertia, hist, it = _kmeans(jnp.asarray(x2), jnp.asarray(w), jax.random.key(seed),
+                                      jnp.float32(abs_tol), k=k, max_iter=max_iter)
+  it = int(it)
+  c = np.asarray(c)
+  return KMeansResult(c[:, 0] if flat else c, np.asarray(lab), float(inertia),
+                      np.asarray(hist)[:it], it)
+
+
+def nearest_sorted(x: jax.Array, centroids_sorted: jax.Array) -> jax.Array:
+  """Index of the nearest of ascending 1-D ``centroids_sorted`` for every value
+  of ``x``: a search over the k-1 midpoints (what the associative memory does)."""
+  mid = (centroids_sorted[1:] + centroids_sorted[:-1]) / 2
+  return jnp.searchsorted(mid, x, side="left").astype(jnp.int32)

@@ -1,0 +1,195 @@
+"""RAPIDNN's reinterpretation of a trained MLP/CNN, and its lookup datapath.
+
+``build`` clusters every linear layer's kernel into ``w`` values and its input
+into ``u`` values (fitted on calibration activations), giving a *codebook*
+per layer: sorted input centroids ``in_c``, weight centroids ``w_c``, the
+kernel as indices ``w_idx`` into ``w_c``, the bias, and optionally ``act``,
+the levels the layer's pre-activation is snapped to before the ReLU.
+
+Two ways to run a codebook:
+* ``float_forward``: a float network whose inputs and weights are replaced by
+  their centroids (ordinary matmul/conv; also the retraining forward, with
+  straight-through rounding);
+* ``emulate``: the in-memory datapath -- every multiplication a lookup into
+  the layer's (u x w) table of centroid products, accumulation of looked-up
+  values (float32 or fixed point), ReLU folded into the nearest-centroid search
+  that encodes a layer's output for the next layer, max-pooling on the codes
+  (codes are ordered like values because ``in_c`` is sorted).
+Up to float summation order the two agree; a test pins that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from accel.kmeans import kmeans, nearest_sorted
+from accel.program import Op, linear_layers
+from core.models import cnn
+
+Codebook = dict[str, dict[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RapidConfig:
+  u: int = 16                      # input clusters per layer
+  w: int = 16                      # weight clusters per layer
+  act_levels: int | None = None    # None: exact ReLU before the next encoding
+  acc_frac_bits: int | None = None  # fixed-point accumulation; None: float32
+  calib_points: int = 65536        # input values sampled per layer to cluster
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.u < 1 or self.w < 1:
+      raise ValueError(f"u and w must be >= 1 clusters, got u={self.u}, w={self.w}")
+    if self.act_levels is not None and self.act_levels < 2:
+      raise ValueError(f"act_levels must be None or >= 2, got {self.act_levels}")
+    if self.acc_frac_bits is not None and not 0 <= self.acc_frac_bits <= 20:
+      raise ValueError(f"acc_frac_bits must be None or in [0, 20], got {self.acc_frac_bits}")
+
+
+def _snap(x: jax.Array, c_sorted: jax.Array) -> jax.Array:
+  """Nearest centroid value by brute force (the reference's independent path)."""
+  idx = jnp.argmin(jnp.abs(x[..., None] - c_sorted), axis=-1)
+  return c_sorted[idx]
+
+
+def _next_linear(ops: tuple[Op, ...], i: int) -> str | None:
+  return next((op[1] for op in ops[i + 1:] if op[0] in ("conv", "dense")), None)
+
+
+def float_forward(cb: Codebook, ops: tuple[Op, ...], x: jax.Array, *, ste: bool = False,
+                  collect: bool = False):
+  """The centroid-substituted float network. ``ste``: straight-through rounding
+  (for retraining). ``collect``: also return each linear layer's input and
+  pre-activation (used by ``build`` on a codebook that holds raw weights)."""
+  q = lambda v, c: v + jax.lax.stop_gradient(_snap(v, c) - v) if ste else _snap(v, c)
+  h, seen, last = x, {}, None
+  for op in ops:
+    kind = op[0]
+    if kind in ("conv", "dense"):
+      p = cb[op[1]]
+      hq = h if "in_c" not in p else q(h, p["in_c"])
+      kernel = p["kernel"] if "kernel" in p else p["w_c"][p["w_idx"]]
+      seen[op[1]] = {"input": h}
+      h = cnn.conv2d(hq, kernel, p["bias"]) if kind == "conv" else hq @ kernel + p["bias"]
+      seen[op[1]]["pre"] = h
+      last = op[1]
+    elif kind == "relu":
+      if "act" in cb[last]:
+        h = q(h, cb[last]["act"])
+      h = jax.nn.relu(h)
+    elif kind == "pool":
+      h = cnn.max_pool_2x2(h)
+    elif kind == "flatten":
+      h = h.reshape(h.shape[0], -1)
+  return (h, seen) if collect else h
+
+
+def _fit_1d(values: np.ndarray, k: int, cfg: RapidConfig, salt: int) -> np.ndarray:
+  """Sorted centroids of a layer's values. Few distinct values (pixels): weighted
+  k-means on the unique values; many: k-means on a sample."""
+  v = np.asarray(values, np.float32).reshape(-1)
+  uniq, counts = np.unique(v, return_counts=True)
+  if len(uniq) <= cfg.calib_points:
+    if k > len(uniq):  # fewer distinct values than clusters: every value is its own centroid
+      return np.sort(np.concatenate([uniq, np.full(k - len(uniq), uniq[-1])]))
+    res = kmeans(uniq, k, seed=cfg.seed + salt, weights=counts)
+  else:
+    rng = np.random.default_rng([cfg.seed, salt])
+    res = kmeans(rng.choice(v, cfg.calib_points, replace=False), k, seed=cfg.seed + salt)
+  return np.sort(res.centroids)
+
+
+def build(params: dict, ops: tuple[Op, ...], x_calib: np.ndarray, cfg: RapidConfig) -> Codebook:
+  """Clusters each linear layer's kernel (w) and float-network input (u)."""
+  raw = {name: {"kernel": params[name]["kernel"], "bias": params[name]["bias"]}
+         for name in linear_layers(ops)}
+  _, seen = jax.jit(functools.partial(float_forward, ops=ops, collect=True))(raw, x=x_calib)
+  cb: Codebook = {}
+  for i, name in enumerate(linear_layers(ops)):
+    kernel = np.asarray(params[name]["kernel"])
+    if cfg.w > kernel.size:
+      raise ValueError(f"{name}: w={cfg.w} clusters exceed its {kernel.size} weights")
+    km = kmeans(kernel.reshape(-1), cfg.w, seed=cfg.seed + 1000 + i)
+    entry = {"in_c": _fit_1d(np.asarray(seen[name]["input"]), cfg.u, cfg, i),
+             "w_c": km.centroids, "w_idx": km.labels.reshape(kernel.shape).astype(np.int32),
+             "bias": np.asarray(params[name]["bias"])}
+    if cfg.act_levels and name != linear_layers(ops)[-1]:
+      entry["act"] = _fit_1d(np.asarray(seen[name]["pre"]), cfg.act_levels, cfg, 500 + i)
+    cb[name] = jax.tree.map(jnp.asarray, entry)
+  return cb
+
+
+def dequantized_params(cb: Codebook) -> dict:
+  """Float params whose kernels are the centroid values (for ``core.models`` apply)."""
+  return {n: {"kernel": p["w_c"][p["w_idx"]], "bias": p["bias"]} for n, p in cb.items()}
+
+
+def _lookup_sum(idx_in, w_idx_KxN, table, frac_bits):
+  """sum_k table[idx_in[..., k], w_idx[k, n]]: every product is a table read.
+  ``idx_in`` (..., K) may hold the sentinel u (padding), whose row is zero."""
+  u, w = table.shape
+  flat = jnp.concatenate([table, jnp.zeros((1, w), table.dtype)]).reshape(-1)
+  if frac_bits is not None:  # the table stores fixed-point products; the adders are integer
+    flat = jnp.round(flat * 2.0 ** frac_bits).astype(jnp.int32)
+  vals = flat[idx_in[..., :, None] * w + w_idx_KxN]          # (..., K, N)
+  s = jnp.sum(vals, axis=-2)
+  return s.astype(jnp.float32) / 2.0 ** frac_bits if frac_bits is not None else s
+
+
+def _patches_3x3(idx_HxWxC, sentinel):
+  """SAME 3x3 windows of codes, ordered (kh, kw, cin) like an HWIO kernel."""
+  h, w, _ = idx_HxWxC.shape
+  p = jnp.pad(idx_HxWxC, ((1, 1), (1, 1), (0, 0)), constant_values=sentinel)
+  return jnp.concatenate([p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], -1)
+
+
+def _emulate_one(cb: Codebook, x, ops: tuple[Op, ...], frac_bits):
+  """One example through the lookup datapath; returns logits."""
+  first = linear_layers(ops)[0]
+  codes, acc = None, x
+  for i, op in enumerate(ops):
+    kind = op[0]
+    if kind in ("conv", "dense"):
+      p = cb[op[1]]
+      if codes is None:  # the network input is encoded once, at the first layer
+        codes = nearest_sorted(acc, p["in_c"]) if op[1] == first else None
+      table = p["in_c"][:, None] * p["w_c"][None, :]               # (u, w) products
+      u = table.shape[0]
+      if kind == "conv":
+        kh, kw, cin, cout = p["w_idx"].shape
+        acc = _lookup_sum(_patches_3x3(codes, u), p["w_idx"].reshape(kh * kw * cin, cout),
+                          table, frac_bits) + p["bias"]
+      else:
+        acc = _lookup_sum(codes, p["w_idx"], table, frac_bits) + p["bias"]
+      codes = None
+      last = op[1]
+    elif kind == "relu":
+      z = acc
+      if "act" in cb[last]:
+        z = cb[last]["act"][nearest_sorted(z, cb[last]["act"])]
+      # ReLU and the next layer's encoding are one nearest search over its centroids.
+      codes = nearest_sorted(jnp.maximum(z, 0.0), cb[_next_linear(ops, i)]["in_c"])
+    elif kind == "pool":
+      codes = jax.lax.reduce_window(codes, jnp.iinfo(jnp.int32).min, jax.lax.max,
+                                    (2, 2, 1), (2, 2, 1), "VALID")
+    elif kind == "flatten":
+      if codes is None:
+        acc = acc.reshape(-1)
+      else:
+        codes = codes.reshape(-1)
+  return acc
+
+
+@functools.partial(jax.jit, static_argnames=("ops", "frac_bits", "chunk"))
+def emulate(cb: Codebook, x_BxHxWxC: jax.Array, ops: tuple[Op, ...],
+            frac_bits: int | None = None, chunk: int = 16) -> jax.Array:
+  """Logits (B, classes) of the lookup datapath, vmapped over ``chunk`` examples at a time."""
+  return jax.lax.map(lambda xi: _emulate_one(cb, xi, ops, frac_bits), x_BxHxWxC,
+                     batch_size=chunk)

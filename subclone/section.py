@@ -1,0 +1,155 @@
+"""The subcloning report section: plans (quick/full), parents, tables, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from core import data, report
+from core.recipes import train_classifier
+from core.train import TrainConfig
+from spd_jax import study as spd_study
+from subclone import study
+from subclone.speedup import Budget, Recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  lm: study.StudyConfig
+  vit: study.StudyConfig
+  vit_parent_steps: int
+  vit_parent_batch: int = 128
+
+
+FULL = Plan(
+    lm=study.StudyConfig(
+        budget=Budget(steps=300, batch=16, eval_every=10),
+        random_grid=(Recipe(3e-3, 0.1), Recipe(1e-3, 0.1)),
+        sub_grid=(Recipe(5e-4, 1e-3), Recipe(1e-3, 1e-3), Recipe(2e-3, 1e-3),
+                  Recipe(1e-3, 0.1))),
+    vit=study.StudyConfig(
+        budget=Budget(steps=300, batch=64, eval_every=10),
+        random_grid=(Recipe(1e-3, 0.01), Recipe(3e-3, 0.01)),
+        sub_grid=(Recipe(3e-4, 1e-3), Recipe(1e-3, 1e-3)), depth_frac=1.0, calib=256,
+        eval_size=20),
+    vit_parent_steps=2000)
+
+QUICK = Plan(
+    lm=study.StudyConfig(
+        budget=Budget(steps=120, batch=16, eval_every=10), random_grid=(Recipe(3e-3, 0.1),),
+        sub_grid=(Recipe(1e-3, 1e-3),), seeds=(1,), ablations=("weight selection (peer)",),
+        calib=8, eval_size=8),
+    vit=study.StudyConfig(
+        budget=Budget(steps=120, batch=64, eval_every=10), random_grid=(Recipe(1e-3, 0.01),),
+        sub_grid=(Recipe(1e-3, 1e-3),), seeds=(1,), depth_frac=1.0, calib=128, eval_size=10),
+    vit_parent_steps=300, vit_parent_batch=64)
+
+
+def vit_parent(plan: Plan, workdir: str, progress: bool = True):
+  """Trains (or resumes) the parent ViT on Fashion-MNIST (MNIST-5k if it is absent)."""
+  try:
+    ds = data.load("fashion_mnist")
+  except data.DatasetNotFoundError:
+    ds = data.load("mnist5k")
+  res = train_classifier(ds, "vit", TrainConfig(
+      steps=plan.vit_parent_steps, batch_size=plan.vit_parent_batch, lr=1e-3,
+      warmup_steps=plan.vit_parent_steps // 10, log_every=100, ckpt_every=500),
+      workdir=os.path.join(workdir, ds.name), progress=progress)
+  return res.params, res.model_config, res.metrics, ds
+
+
+def _fmt_steps(x) -> str:
+  return "never" if x is None else f"{x:.0f}"
+
+
+def _spread(xs: list[float]) -> str:
+  xs = np.asarray(xs, float)
+  return f"{np.mean(xs):.2f}x (min {np.min(xs):.2f}, max {np.max(xs):.2f})"
+
+
+def _seed_table(res: dict) -> str:
+  rows = [[s, f"{r['random']['initial_loss']:.3f}", f"{r['subcloned']['initial_loss']:.3f}",
+           f"{r['target']:.3f}", _fmt_steps(r["steps_reference"]), _fmt_steps(r["steps"]),
+           f"{r['subcloned']['final_loss']:.3f}", f"{r['speedup']:.2f}x"]
+          for s, r in res["seeds"].items()]
+  return report.markdown_table(["seed", "initial loss random", "initial loss subcloned",
+                                "random final loss", "steps (random)", "steps (subcloned)",
+                                "subcloned final loss", "speed-up"], rows)
+
+
+def _curves_plot(res: dict, path: str, title: str) -> str:
+  series = {}
+  for s, r in res["seeds"].items():
+    for name in ("random", "subcloned"):
+      steps, losses = zip(*r[name]["curve"])
+      series[f"{name} seed {s}"] = (steps, losses)
+  return report.line_plot(path, series, xlabel="step", ylabel="validation loss", title=title,
+                          logy=True)
+
+
+def _model_line(c: dict) -> str:
+  return f"d={c['d_model']}, L={c['n_layers']}, H={c['n_heads']}, F={c['d_ff']}"
+
+
+def render(lm_res: dict, vit_res: dict, extra: dict, outdir: str) -> report.Section:
+  fig_dir = os.path.join(outdir, "figures")
+  parts = []
+  for label, res in (("LM (KJV bytes)", lm_res), (f"ViT ({vit_res['dataset']})", vit_res)):
+    sp = [r["speedup"] for r in res["seeds"].values()]
+    sweep = "; ".join(f"{k}: {v['speedup']:.2f}x" for k, v in res["sweep"].items())
+    rr, sr = res["random_recipe"], res["sub_recipe"]
+    tag = "lm" if label.startswith("LM") else "vit"
+    fig = _curves_plot(res, os.path.join(fig_dir, f"subclone_{tag}.png"), f"{label}: child")
+    parts += [
+        f"**{label}**: parent {_model_line(res['parent_config'])} ({extra[tag]}) -> child "
+        f"{_model_line(res['child_config'])}. Random init at lr {rr['lr']:g}, wd {rr['wd']:g} "
+        f"(best final loss of {len(res['random_sweep'])} on the sweep seed); subcloned at lr "
+        f"{sr['lr']:g}, wd {sr['wd']:g} (sweep seed speed-ups: {sweep}). "
+        f"**Speed-up over {len(sp)} seed(s): {_spread(sp)}.**",
+        _seed_table(res), f"![{tag} curves]({os.path.relpath(fig, outdir)})"]
+  rows = [[n, f"{v['run']['initial_loss']:.3f}", f"{v['run']['final_loss']:.3f}",
+           _fmt_steps(v["steps"]), f"{v['speedup']:.2f}x"] for n, v in lm_res["variants"].items()]
+  series = {n: tuple(zip(*v["run"]["curve"])) for n, v in lm_res["variants"].items()}
+  fig = report.line_plot(os.path.join(fig_dir, "subclone_ablations.png"), series, xlabel="step",
+                         ylabel="validation loss", title="LM child: ablations and peers",
+                         logy=True)
+  parts += [
+      "Ablations and peers on the LM (sweep seed, subcloned recipe, same budget; speed-up "
+      "against the same random-init reference; block influence of the parent's blocks: "
+      + ", ".join(f"{b:.3f}" for b in lm_res["block_influence"]) + "):",
+      report.markdown_table(["init", "initial loss", "final loss", "steps to random's final",
+                             "speed-up"], rows),
+      f"![ablations]({os.path.relpath(fig, outdir)})"]
+  return report.Section("Subclone: training speed of subcloned vs random init", "\n\n".join(parts))
+
+
+def run(quick: bool, outdir: str, progress: bool = True) -> report.Section:
+  plan = QUICK if quick else FULL
+  mode = "quick" if quick else "full"
+  trained = spd_study.train_model(spd_study.QUICK if quick else spd_study.FULL,
+                                  spd_study.default_model_dir(quick, outdir), progress)
+  lm_res = study.lm_study(trained.params, trained.model_config, plan.lm,
+                          os.path.join(outdir, "subclone", f"lm_{mode}_runs.json"), progress)
+  vparams, vcfg, vmetrics, ds = vit_parent(
+      plan, os.path.join(outdir, "models", f"subclone_vit_{mode}"), progress)
+  vit_res = study.vit_study(vparams, vcfg, ds, plan.vit,
+                            os.path.join(outdir, "subclone", f"vit_{mode}_runs.json"), progress)
+  extra = {"lm": f"val loss {trained.metrics['loss']:.3f}",
+           "vit": f"test accuracy {100 * vmetrics['accuracy']:.1f}%"}
+  with open(os.path.join(outdir, f"subclone_{mode}.json"), "w") as f:
+    json.dump({"lm": lm_res, "vit": vit_res, "extra": extra}, f, indent=1, default=float)
+  return render(lm_res, vit_res, extra, outdir)
+
+
+def section(quick: bool, outdir: str) -> report.Section:
+  return run(quick, outdir)
+
+
+def render_saved(outdir: str, quick: bool = False) -> report.Section:
+  """Re-renders the section from ``outdir/subclone_<mode>.json`` without rerunning."""
+  with open(os.path.join(outdir, f"subclone_{'quick' if quick else 'full'}.json")) as f:
+    saved = json.load(f)
+  return render(saved["lm"], saved["vit"], saved["extra"], outdir)
