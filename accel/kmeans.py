@@ -1,10 +1,12 @@
-"""Jitted k-means: k-means++ seeding, Lloyd iterations with a centre-shift
+"""Jitted k-means: greedy k-means++ seeding, Lloyd iterations with a centre-shift
 tolerance (scikit-learn's rule), empty clusters relocated to the worst-served
 points, optional per-point weights. Deterministic under a seed.
 
-RAPIDNN clusters scalars (one layer's weights or input values), so the
-distance is computed by broadcasting (N, k, D) rather than by the
-|x|^2 - 2x.c + |c|^2 expansion, which cancels badly for close 1-D values.
+RAPIDNN clusters scalars (one layer's weights or input values). For 1-D data
+the centres are kept sorted and a point's nearest centre is a binary search
+over their midpoints (O(N log k) per iteration instead of O(N k)); for D > 1
+distances are computed by broadcasting (N, k, D) rather than by the
+|x|^2 - 2x.c + |c|^2 expansion, which cancels badly for close values.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ def _sq_dist(x_NxD: jax.Array, c_KxD: jax.Array) -> jax.Array:
 
 
 def _plusplus(x_NxD, w_N, key, k: int):
-  """k-means++: each next centre is drawn with probability ~ w * D^2."""
+  """Greedy k-means++ (scikit-learn's seeding): each step draws 2 + ln(k)
+  candidates with probability ~ w * D^2 and keeps the one that lowers the
+  potential most."""
   n = x_NxD.shape[0]
+  trials = 2 + int(np.log(k))
   keys = jax.random.split(key, k)
   first = jax.random.choice(keys[0], n, p=w_N / jnp.sum(w_N))
   c = jnp.zeros((k, x_NxD.shape[1]), x_NxD.dtype).at[0].set(x_NxD[first])
@@ -43,9 +48,10 @@ def _plusplus(x_NxD, w_N, key, k: int):
     p = w_N * d2
     # All points coincide with chosen centres: fall back to uniform draws.
     p = jnp.where(jnp.sum(p) > 0, p, w_N)
-    j = jax.random.choice(keys[i], n, p=p / jnp.sum(p))
-    d2 = jnp.minimum(d2, jnp.sum((x_NxD - x_NxD[j]) ** 2, -1))
-    return c.at[i].set(x_NxD[j]), d2
+    cand = jax.random.choice(keys[i], n, (trials,), p=p / jnp.sum(p))
+    d2_cand = jnp.minimum(d2[None], _sq_dist(x_NxD, x_NxD[cand]).T)   # (trials, N)
+    best = jnp.argmin(d2_cand @ w_N)
+    return c.at[i].set(x_NxD[cand[best]]), d2_cand[best]
 
   c, _ = jax.lax.fori_loop(1, k, body, (c, d2))
   return c
@@ -56,10 +62,16 @@ def _kmeans(x_NxD, w_N, key, tol, k: int, max_iter: int):
   c0 = _plusplus(x_NxD, w_N, key, k)
 
   def assign(c):
+    if x_NxD.shape[1] == 1:  # 1-D: c is kept sorted, so nearest = a search over midpoints
+      lab = nearest_sorted(x_NxD[:, 0], c[:, 0])
+      return lab, (x_NxD[:, 0] - c[lab, 0]) ** 2
     d = _sq_dist(x_NxD, c)
     lab = jnp.argmin(d, axis=1)
     dmin = jnp.take_along_axis(d, lab[:, None], 1)[:, 0]
     return lab, dmin
+
+  def order(c):  # centre order is arbitrary; sorted 1-D centres make assignment O(N log k)
+    return c[jnp.argsort(c[:, 0])] if x_NxD.shape[1] == 1 else c
 
   def update(c, lab, dmin):
     cnt = jax.ops.segment_sum(w_N, lab, k)
@@ -81,10 +93,10 @@ def _kmeans(x_NxD, w_N, key, tol, k: int, max_iter: int):
     lab, dmin = assign(c)
     hist = hist.at[it].set(jnp.sum(w_N * dmin))
     new = update(c, lab, dmin)
-    return new, it + 1, jnp.sum((new - c) ** 2), hist
+    return order(new), it + 1, jnp.sum((new - c) ** 2), hist
 
   hist0 = jnp.full((max_iter,), jnp.nan, x_NxD.dtype)
-  c, it, _, hist = jax.lax.while_loop(cond, body, (c0, 0, jnp.inf, hist0))
+  c, it, _, hist = jax.lax.while_loop(cond, body, (order(c0), 0, jnp.inf, hist0))
   lab, dmin = assign(c)
   return c, lab, jnp.sum(w_N * dmin), hist, it
 

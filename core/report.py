@@ -16,6 +16,7 @@ import traceback
 from typing import Callable, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # headless: plots go to PNG files
 import matplotlib.pyplot as plt  # noqa: E402
@@ -58,6 +59,30 @@ def line_plot(path: str, series: dict[str, tuple[Sequence[float], Sequence[float
     ax.set_yscale("log")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def heatmap(path: str, values, row_labels: Sequence, col_labels: Sequence, *, xlabel: str,
+            ylabel: str, title: str, fmt_cell: str = "{:.1f}", cmap: str = "viridis") -> str:
+  """Writes a PNG heatmap of ``values`` (rows x cols) with each cell annotated."""
+  values = np.asarray(values, float)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig, ax = plt.subplots(figsize=(1 + 0.8 * len(col_labels), 1 + 0.6 * len(row_labels)), dpi=110)
+  im = ax.imshow(values, cmap=cmap, aspect="auto", origin="lower")
+  ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
+  ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
+  mid = np.nanmean(values)
+  for i in range(values.shape[0]):
+    for j in range(values.shape[1]):
+      ax.text(j, i, fmt_cell.format(values[i, j]), ha="center", va="center", fontsize=7,
+              color="white" if values[i, j] < mid else "black")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  fig.colorbar(im, ax=ax)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

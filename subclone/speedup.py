@@ -11,8 +11,6 @@ by linear interpolation between evaluations.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Callable
 
 from core.train import TrainConfig, train
@@ -72,28 +70,3 @@ def train_run(init: Any, loss_fn: Callable, batch_fn: Callable[[int], dict],
               progress=progress, desc=desc)
   curve = [(0, initial)] + [(r["step"], r["loss"]) for r in res.history if r["split"] == "eval"]
   return {"initial_loss": initial, "final_loss": curve[-1][1], "curve": curve}
-
-
-class RunCache:
-  """Finished runs in one JSON file, rewritten atomically after each run, so an
-  interrupted study resumes where it stopped instead of retraining."""
-
-  def __init__(self, path: str | None, meta: Any = None):
-    """``meta`` (JSON-able) describes the study; a file saved under other meta is ignored."""
-    self.path, self.meta, self.runs = path, json.loads(json.dumps(meta, default=str)), {}
-    if path and os.path.exists(path):
-      with open(path) as f:
-        saved = json.load(f)
-      if saved.get("meta") == self.meta:
-        self.runs = saved["runs"]
-
-  def get(self, key: str, fn: Callable[[], dict]) -> dict:
-    if key not in self.runs:
-      self.runs[key] = fn()
-      if self.path:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-          json.dump({"meta": self.meta, "runs": self.runs}, f, indent=1, default=float)
-        os.replace(tmp, self.path)
-    return self.runs[key]

@@ -25,11 +25,12 @@ from typing import Any, Callable
 import jax
 
 from core import data, evaluation
+from core.cache import RunCache
 from core.checkpoint import CheckpointManager
 from core.models import layers, lm, vit
 from subclone import peers
 from subclone.importance import lm_importance, vit_importance
-from subclone.speedup import Budget, Recipe, RunCache, speedup, train_run
+from subclone.speedup import Budget, Recipe, speedup, train_run
 from subclone.surgery import ChildSpec, subclone_lm, subclone_vit
 
 ABLATIONS = ("no scaling", "first d' (no reordering)", "random indices", "remove last blocks",

@@ -199,7 +199,7 @@ def test_speedup_is_the_ratio_of_crossing_steps():
 
 
 def test_run_cache_resumes_and_ignores_other_studies(tmp_path):
-  from subclone.speedup import RunCache
+  from core.cache import RunCache
   path, calls = str(tmp_path / "runs.json"), []
   make = lambda: calls.append(1) or {"final_loss": 1.0}
   RunCache(path, {"a": 1}).get("k", make)
