@@ -53,9 +53,8 @@ class RapidConfig:
 
 
 def _snap(x: jax.Array, c_sorted: jax.Array) -> jax.Array:
-  """Nearest centroid value by brute force (the reference's independent path)."""
-  idx = jnp.argmin(jnp.abs(x[..., None] - c_sorted), axis=-1)
-  return c_sorted[idx]
+  """Nearest centroid value (``nearest_sorted`` is tested against a brute-force argmin)."""
+  return c_sorted[nearest_sorted(x, c_sorted)]
 
 
 def _next_linear(ops: tuple[Op, ...], i: int) -> str | None:

@@ -16,7 +16,7 @@ from core import data, report
 FULL = study.GridPlan(
     runs=tuple((ds, m, {"digits": 1500, "mnist5k": 2000, "fashion_mnist": 3000}[ds])
                for ds in ("mnist5k", "fashion_mnist", "digits") for m in ("mlp", "cnn")),
-    retrain=RetrainConfig(steps=300, batch=64, lr=1e-3))
+    retrain=RetrainConfig(steps=300, batch=64, lr=5e-4))
 QUICK = study.GridPlan(runs=(("mnist5k", "mlp", 600),), sizes=(4, 16, 64),
                        retrain=RetrainConfig(steps=100, batch=64, lr=1e-3), check_images=256)
 KMEANS_KS = (16, 64)
