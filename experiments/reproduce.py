@@ -8,8 +8,10 @@ Writes ``<outdir>/REPORT.md`` with tables and PNG plots under ``<outdir>/figures
 
 from absl import app, flags
 
+from accel import section as rapidnn_section
 from core import baselines, report
 from spd_jax import latency_report, study
+from subclone import section as subclone_section
 
 _FULL = flags.DEFINE_bool("full", False, "Run the full (slow) experiments.")
 _OUTDIR = flags.DEFINE_string("outdir", "results", "Where REPORT.md and figures go.")
@@ -20,6 +22,8 @@ SECTIONS: list[tuple[str, report.SectionFn]] = [
     ("baselines", baselines.section),
     ("spd_latency", latency_report.section),
     ("spd_accuracy", study.section),
+    ("subclone", subclone_section.section),
+    ("rapidnn", rapidnn_section.section),
 ]
 
 
