@@ -98,6 +98,14 @@ def _compare(children: dict[str, Callable[[], Any]], random_init: Callable[[int]
           "variants": variants}
 
 
+def _run_meta(parent_cfg: Any, cfg: StudyConfig) -> dict:
+  """What every cached run depends on; recipes, seeds and variants are in the
+  run keys, so widening a sweep or adding seeds reuses the finished runs."""
+  keep = ("budget", "depth_frac", "calib", "eval_size", "seq_len")
+  return {"parent": dataclasses.asdict(parent_cfg),
+          "study": {k: v for k, v in dataclasses.asdict(cfg).items() if k in keep}}
+
+
 def _runner(cache: RunCache, init_loss: Callable, batch_fn: Callable, eval_fn: Callable,
             budget: Budget, progress: bool) -> Callable[[str, Any, Recipe, int], dict]:
   def run(name: str, init: Callable[[], Any], recipe: Recipe, seed: int) -> dict:
@@ -128,7 +136,7 @@ def lm_study(parent: dict, parent_cfg: lm.LMConfig, cfg: StudyConfig, cache_path
       "block influence (peer)": lambda: sub(blocks=peers.blocks_by_influence(bi, spec.n_layers)),
   }
   apply = functools.partial(lm.apply, cfg=ccfg)
-  meta = {"parent": dataclasses.asdict(parent_cfg), "study": dataclasses.asdict(cfg)}
+  meta = _run_meta(parent_cfg, cfg)
   run = _runner(RunCache(cache_path, meta), functools.partial(lm.loss, cfg=ccfg),
                 lambda seed, step: data.text_batch(ds.x_train, cfg.budget.batch, cfg.seq_len,
                                                    seed, step),
@@ -153,8 +161,7 @@ def vit_study(parent: dict, parent_cfg: vit.ViTConfig, ds: data.Dataset, cfg: St
     ce = layers.cross_entropy(logits, batch["y"])
     return ce, {"loss": ce}
 
-  meta = {"parent": dataclasses.asdict(parent_cfg), "study": dataclasses.asdict(cfg),
-          "dataset": ds.name}
+  meta = {**_run_meta(parent_cfg, cfg), "dataset": ds.name}
   run = _runner(RunCache(cache_path, meta), loss_fn,
                 lambda seed, step: data.image_batch(ds, cfg.budget.batch, seed, step),
                 lambda p: evaluation.classifier_metrics(apply, p, x_eval, y_eval)["loss"],
