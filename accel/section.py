@@ -18,7 +18,8 @@ FULL = study.GridPlan(
                for ds in ("mnist5k", "fashion_mnist", "digits") for m in ("mlp", "cnn")),
     retrain=RetrainConfig(steps=300, batch=64, lr=5e-4))
 QUICK = study.GridPlan(runs=(("mnist5k", "mlp", 600),), sizes=(4, 16, 64),
-                       retrain=RetrainConfig(steps=100, batch=64, lr=1e-3), check_images=256)
+                       retrain=RetrainConfig(steps=100, batch=64, lr=1e-3), check_images=256,
+                       act_levels=(8, 32))
 KMEANS_KS = (16, 64)
 
 
@@ -91,6 +92,16 @@ def render(results: list[dict], skipped: list[str], plan: study.GridPlan,
            "(before)", "smallest within bound (after)", "its acc", "emulator agrees",
            "emulator / float img/s"], rows)]
   parts += [f"![heatmap]({os.path.relpath(f, outdir)})" for f in figs]
+  acts = list(plan.act_levels)
+  parts += [
+      "Activation levels (the third knob): accuracy at the chosen (u, w) before retraining, "
+      "with each layer's pre-activations snapped to a levels before the ReLU (exact ReLU: the "
+      "'none' column):",
+      report.markdown_table(
+          ["dataset", "model", "u x w", "none"] + [f"a={a}" for a in acts],
+          [[r["dataset"], r["model"], f"{r['chosen'][0]}x{r['chosen'][1]}",
+            f"{r['chosen_before']:.2f}"] + [f"{r['act_levels'][str(a)]:.2f}" for a in acts]
+           for r in results])]
   km = [k for r in results for k in r.get("kmeans", [])]
   if km:
     parts += ["k-means on the mnist5k layers' own data (1-D; weights and sampled inputs): "

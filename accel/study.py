@@ -39,6 +39,7 @@ class GridPlan:
   calib_images: int = 512
   bound: float = 0.3        # accuracy points of quality loss allowed (the paper's < 0.3%)
   check_images: int = 512   # emulator cross-check and throughput
+  act_levels: tuple[int, ...] = (4, 8, 16, 32)  # activation tables tried at the chosen cell
   float_lr: float = 2e-3
 
 
@@ -89,6 +90,12 @@ def emulator_check(cb, ops, params, model: str, mcfg, x: np.ndarray, reps: int =
           "emulator_img_s": n / float(np.median(t_emu)), "float_img_s": n / float(np.median(t_float))}
 
 
+def cell_meta(plan: GridPlan, ds_name: str, model: str, float_acc: float) -> dict:
+  """What every cached cell depends on (the grid's extent and the checks do not)."""
+  return {"retrain": dataclasses.asdict(plan.retrain), "calib_images": plan.calib_images,
+          "ds": ds_name, "model": model, "float_acc": round(float_acc, 4)}
+
+
 def grid_run(ds: data.Dataset, model: str, steps: int, plan: GridPlan, workdir: str | None,
              cache_path: str | None, progress: bool = True) -> tuple[dict, dict, Any]:
   """Every (u, w) cell for one (dataset, model): accuracy before and after
@@ -97,8 +104,7 @@ def grid_run(ds: data.Dataset, model: str, steps: int, plan: GridPlan, workdir: 
   ops = program(model, mcfg)
   calib = ds.x_train[:plan.calib_images]
   apply = lambda cb, x: rapidnn.float_forward(cb, ops, x)
-  cache = RunCache(cache_path, {"plan": dataclasses.asdict(plan), "ds": ds.name, "model": model,
-                                "float_acc": round(float_acc, 4)})
+  cache = RunCache(cache_path, cell_meta(plan, ds.name, model, float_acc))
   cells = {}
   pairs = [(u, w) for u in plan.sizes for w in plan.sizes]
   for u, w in tqdm(pairs, desc=f"{model}/{ds.name} grid", disable=not progress):
@@ -112,11 +118,15 @@ def grid_run(ds: data.Dataset, model: str, steps: int, plan: GridPlan, workdir: 
   cb = retrain(rapidnn.build(params, ops, calib, rapidnn.RapidConfig(*chosen)), ops, ds,
                plan.retrain)
   check = emulator_check(cb, ops, params, model, mcfg, ds.x_test[:plan.check_images])
+  # The third knob: snap pre-activations to a few levels before the ReLU (no retraining).
+  acts = {a: _accuracy(apply, rapidnn.build(params, ops, calib, rapidnn.RapidConfig(
+      *chosen, act_levels=a)), ds) for a in plan.act_levels}
   res = {"dataset": ds.name, "model": model, "float_acc": float_acc,
          "weights": sum(int(np.prod(p["kernel"].shape)) for p in params.values()),
          "cells": {f"{u},{w}": c for (u, w), c in cells.items()}, "chosen": list(chosen),
          "within_bound": smallest_within(cells, float_acc, plan.bound) is not None,
-         "check": check}
+         "check": check, "act_levels": {str(a): v for a, v in acts.items()},
+         "chosen_before": cells[chosen]["before"]}
   return res, params, mcfg
 
 
