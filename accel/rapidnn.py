@@ -129,15 +129,22 @@ def dequantized_params(cb: Codebook) -> dict:
   return {n: {"kernel": p["w_c"][p["w_idx"]], "bias": p["bias"]} for n, p in cb.items()}
 
 
-def _lookup_sum(idx_in, w_idx_KxN, table, frac_bits):
-  """sum_k table[idx_in[..., k], w_idx[k, n]]: every product is a table read.
-  ``idx_in`` (..., K) may hold the sentinel u (padding), whose row is zero."""
-  u, w = table.shape
-  flat = jnp.concatenate([table, jnp.zeros((1, w), table.dtype)]).reshape(-1)
-  if frac_bits is not None:  # the table stores fixed-point products; the adders are integer
-    flat = jnp.round(flat * 2.0 ** frac_bits).astype(jnp.int32)
-  vals = flat[idx_in[..., :, None] * w + w_idx_KxN]          # (..., K, N)
-  s = jnp.sum(vals, axis=-2)
+def product_rows(table, w_idx_KxN, frac_bits=None):
+  """(u+1, K, N): row [i, k] holds table[i, w_idx[k, :]] -- the products of input
+  code i with the weights at tap k, read from the layer's (u x w) table. Row u
+  (the padding sentinel) is zero. With ``frac_bits`` the table stores
+  fixed-point products and the adders are integer."""
+  t = jnp.concatenate([table, jnp.zeros((1, table.shape[1]), table.dtype)])
+  if frac_bits is not None:
+    t = jnp.round(t * 2.0 ** frac_bits).astype(jnp.int32)
+  return t[:, w_idx_KxN]
+
+
+def _lookup_sum(idx_in, rows, frac_bits):
+  """sum_k table[idx_in[..., k], w_idx[k, n]]: one row read per input value and
+  tap, then accumulation. ``idx_in`` (..., K) may hold the sentinel u."""
+  k = rows.shape[1]
+  s = jnp.sum(rows[idx_in, jnp.arange(k)], axis=-2)             # (..., N)
   return s.astype(jnp.float32) / 2.0 ** frac_bits if frac_bits is not None else s
 
 
@@ -148,7 +155,7 @@ def _patches_3x3(idx_HxWxC, sentinel):
   return jnp.concatenate([p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], -1)
 
 
-def _emulate_one(cb: Codebook, x, ops: tuple[Op, ...], frac_bits):
+def _emulate_one(cb: Codebook, rows: dict, x, ops: tuple[Op, ...], frac_bits):
   """One example through the lookup datapath; returns logits."""
   first = linear_layers(ops)[0]
   codes, acc = None, x
@@ -158,14 +165,9 @@ def _emulate_one(cb: Codebook, x, ops: tuple[Op, ...], frac_bits):
       p = cb[op[1]]
       if codes is None:  # the network input is encoded once, at the first layer
         codes = nearest_sorted(acc, p["in_c"]) if op[1] == first else None
-      table = p["in_c"][:, None] * p["w_c"][None, :]               # (u, w) products
-      u = table.shape[0]
-      if kind == "conv":
-        kh, kw, cin, cout = p["w_idx"].shape
-        acc = _lookup_sum(_patches_3x3(codes, u), p["w_idx"].reshape(kh * kw * cin, cout),
-                          table, frac_bits) + p["bias"]
-      else:
-        acc = _lookup_sum(codes, p["w_idx"], table, frac_bits) + p["bias"]
+      u = p["in_c"].shape[0]
+      idx = _patches_3x3(codes, u) if kind == "conv" else codes
+      acc = _lookup_sum(idx, rows[op[1]], frac_bits) + p["bias"]
       codes = None
       last = op[1]
     elif kind == "relu":
@@ -187,7 +189,12 @@ def _emulate_one(cb: Codebook, x, ops: tuple[Op, ...], frac_bits):
 
 @functools.partial(jax.jit, static_argnames=("ops", "frac_bits", "chunk"))
 def emulate(cb: Codebook, x_BxHxWxC: jax.Array, ops: tuple[Op, ...],
-            frac_bits: int | None = None, chunk: int = 16) -> jax.Array:
-  """Logits (B, classes) of the lookup datapath, vmapped over ``chunk`` examples at a time."""
-  return jax.lax.map(lambda xi: _emulate_one(cb, xi, ops, frac_bits), x_BxHxWxC,
+            frac_bits: int | None = None, chunk: int = 4) -> jax.Array:
+  """Logits (B, classes) of the lookup datapath, vmapped over ``chunk`` examples at a
+  time (small chunks are fastest on CPU: the row gathers stay in cache)."""
+  rows = {}
+  for name, p in cb.items():
+    table = p["in_c"][:, None] * p["w_c"][None, :]               # (u, w) centroid products
+    rows[name] = product_rows(table, p["w_idx"].reshape(-1, p["w_idx"].shape[-1]), frac_bits)
+  return jax.lax.map(lambda xi: _emulate_one(cb, rows, xi, ops, frac_bits), x_BxHxWxC,
                      batch_size=chunk)
