@@ -81,10 +81,10 @@ def _compare(children: dict[str, Callable[[], Any]], random_init: Callable[[int]
   refs = {r.tag: run("random", lambda: random_init(s0), r, s0) for r in cfg.random_grid}
   rand = min(cfg.random_grid, key=lambda r: refs[r.tag]["final_loss"])
   ref0 = refs[rand.tag]
-  sweep = {r.tag: speedup(ref0, run("subcloned", children["subcloned"], r, s0))
-           for r in cfg.sub_grid}
+  subs = {r.tag: run("subcloned", children["subcloned"], r, s0) for r in cfg.sub_grid}
+  sweep = {tag: speedup(ref0, r) for tag, r in subs.items()}
   best = max(cfg.sub_grid, key=lambda r: (_nan_low(sweep[r.tag]["speedup"]),
-                                          -sweep[r.tag]["target"]))
+                                          -subs[r.tag]["final_loss"]))
   seeds = {}
   for s in cfg.seeds:
     ref, sub = run("random", lambda: random_init(s), rand, s), run("subcloned",
