@@ -70,7 +70,8 @@ def heatmap(path: str, values, row_labels: Sequence, col_labels: Sequence, *, xl
   """Writes a PNG heatmap of ``values`` (rows x cols) with each cell annotated."""
   values = np.asarray(values, float)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig, ax = plt.subplots(figsize=(1 + 0.8 * len(col_labels), 1 + 0.6 * len(row_labels)), dpi=110)
+  fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.8 * len(col_labels)),
+                                  max(3.5, 1.0 + 0.6 * len(row_labels))), dpi=110)
   im = ax.imshow(values, cmap=cmap, aspect="auto", origin="lower")
   ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
   ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
