@@ -42,3 +42,10 @@ def test_failing_section_is_reported_and_others_still_run(tmp_path):
                                             (7, "7"), ("x", "x")])
 def test_number_formatting(value, expected):
   assert report.fmt(value) == expected
+
+
+def test_heatmap_writes_a_png(tmp_path):
+  path = report.heatmap(str(tmp_path / "h.png"), [[0.0, -1.0], [-0.5, 0.2]], [4, 8], [4, 8],
+                        xlabel="w", ylabel="u", title="t")
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
