@@ -120,7 +120,8 @@ def render(results: list[dict], skipped: list[str], plan: study.GridPlan,
                  f"{c['rapidnn_pj']['total'] / 1e3:,.1f}", f"{c['isaac_pj'] / 1e3:,.1f}",
                  f"{c['gpu_pj'] / 1e3:,.1f}", f"{c['isaac_over_rapidnn']:.2f}x",
                  f"{c['gpu_over_rapidnn']:.2f}x", f"{c['isaac_ns'] / c['rapidnn_ns']:.2f}x",
-                 f"{1e3 * c['lookup_pj_for_paper_ratio']:.1f}"])
+                 f"{1e3 * c['rapidnn_pj_per_mac']:,.0f} / "
+                 f"{1e3 * c['pj_per_mac_for_paper_ratio']:.0f}"])
   srcs = {**cost_model.HOROWITZ, **cost_model.ISAAC, **cost_model.GPU,
           "lookup_ns": cost_model.LOOKUP_NS}
   parts += [
@@ -132,11 +133,13 @@ def render(results: list[dict], skipped: list[str], plan: study.GridPlan,
       f"{cost_model.PAPER_CLAIMS['energy_vs_pipelayer']}x energy efficiency and "
       f"{cost_model.PAPER_CLAIMS['speedup_vs_isaac']}x / "
       f"{cost_model.PAPER_CLAIMS['speedup_vs_pipelayer']}x speed-up over ISAAC / PipeLayer "
-      "(PipeLayer is not modelled). Last column: the per-lookup energy (fJ) at which the "
-      "model would reproduce the 68.4x over ISAAC.",
+      "(PipeLayer is not modelled). Last column: the modelled RAPIDNN energy per "
+      "multiply-accumulate (lookup, add and its share of searches and pooling) next to what "
+      "it may cost for the paper's 68.4x over ISAAC to hold, in fJ.",
       report.markdown_table(["network", "MACs", "RAPIDNN nJ", "ISAAC nJ", "GPU nJ",
                              "energy ISAAC/RAPIDNN", "energy GPU/RAPIDNN",
-                             "latency ISAAC/RAPIDNN (per unit)", "lookup fJ for 68.4x"], crow),
+                             "latency ISAAC/RAPIDNN (per unit)", "fJ/MAC: model / for 68.4x"],
+                            crow),
       "Constants:\n\n" + "\n".join(f"- `{k}` = {v.value:g} {v.unit}: {v.source}"
                                     for k, v in srcs.items())]
   if skipped:

@@ -27,13 +27,14 @@ class Plan:
 FULL = Plan(
     lm=study.StudyConfig(
         budget=Budget(steps=300, batch=16, eval_every=10),
-        random_grid=(Recipe(3e-3, 0.1), Recipe(1e-3, 0.1)),
+        random_grid=(Recipe(3e-3, 0.1), Recipe(1e-3, 0.1), Recipe(6e-3, 0.1)),
         sub_grid=(Recipe(5e-4, 1e-3), Recipe(1e-3, 1e-3), Recipe(2e-3, 1e-3),
-                  Recipe(1e-3, 0.1))),
+                  Recipe(3e-3, 1e-3), Recipe(1e-3, 0.1))),
     vit=study.StudyConfig(
         budget=Budget(steps=300, batch=64, eval_every=10),
         random_grid=(Recipe(1e-3, 0.01), Recipe(3e-3, 0.01)),
-        sub_grid=(Recipe(3e-4, 1e-3), Recipe(1e-3, 1e-3)), depth_frac=1.0, calib=256,
+        sub_grid=(Recipe(3e-4, 1e-3), Recipe(1e-3, 1e-3), Recipe(3e-3, 1e-3)), depth_frac=1.0,
+        calib=256,
         eval_size=20),
     vit_parent_steps=2000)
 
