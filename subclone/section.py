@@ -41,7 +41,7 @@ FULL = Plan(
 QUICK = Plan(
     lm=study.StudyConfig(
         budget=Budget(steps=120, batch=16, eval_every=10), random_grid=(Recipe(3e-3, 0.1),),
-        sub_grid=(Recipe(1e-3, 1e-3),), seeds=(1,), ablations=("weight selection (peer)",),
+        sub_grid=(Recipe(3e-3, 1e-3),), seeds=(1,), ablations=("weight selection (peer)",),
         calib=8, eval_size=8),
     vit=study.StudyConfig(
         budget=Budget(steps=120, batch=64, eval_every=10), random_grid=(Recipe(1e-3, 0.01),),
