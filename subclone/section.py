@@ -107,8 +107,8 @@ def render(lm_res: dict, vit_res: dict, extra: dict, outdir: str) -> report.Sect
     parts += [
         f"**{label}**: parent {_model_line(res['parent_config'])} ({extra[tag]}) -> child "
         f"{_model_line(res['child_config'])}. Random init at lr {rr['lr']:g}, wd {rr['wd']:g} "
-        f"(best final loss of {len(res['random_sweep'])} on the sweep seed); subcloned at lr "
-        f"{sr['lr']:g}, wd {sr['wd']:g} (sweep seed speed-ups: {sweep}). "
+        f"(lowest final loss of {len(res['random_sweep'])} recipes on the sweep seed); "
+        f"subcloned at lr {sr['lr']:g}, wd {sr['wd']:g} (sweep seed speed-ups: {sweep}). "
         f"**Speed-up over {len(sp)} seed(s): {_spread(sp)}.**",
         _seed_table(res), f"![{tag} curves]({os.path.relpath(fig, outdir)})"]
   rows = [[n, f"{v['run']['initial_loss']:.3f}", f"{v['run']['final_loss']:.3f}",
