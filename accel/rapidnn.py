@@ -157,14 +157,13 @@ def _patches_3x3(idx_HxWxC, sentinel):
 
 def _emulate_one(cb: Codebook, rows: dict, x, ops: tuple[Op, ...], frac_bits):
   """One example through the lookup datapath; returns logits."""
-  first = linear_layers(ops)[0]
   codes, acc = None, x
   for i, op in enumerate(ops):
     kind = op[0]
     if kind in ("conv", "dense"):
       p = cb[op[1]]
-      if codes is None:  # the network input is encoded once, at the first layer
-        codes = nearest_sorted(acc, p["in_c"]) if op[1] == first else None
+      if codes is None:  # only the network input arrives unencoded (programs put a ReLU
+        codes = nearest_sorted(acc, p["in_c"])  # between linear layers)
       u = p["in_c"].shape[0]
       idx = _patches_3x3(codes, u) if kind == "conv" else codes
       acc = _lookup_sum(idx, rows[op[1]], frac_bits) + p["bias"]
