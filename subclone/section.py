@@ -29,7 +29,7 @@ FULL = Plan(
         budget=Budget(steps=300, batch=16, eval_every=10),
         random_grid=(Recipe(3e-3, 0.1), Recipe(1e-3, 0.1), Recipe(6e-3, 0.1)),
         sub_grid=(Recipe(5e-4, 1e-3), Recipe(1e-3, 1e-3), Recipe(2e-3, 1e-3),
-                  Recipe(3e-3, 1e-3), Recipe(1e-3, 0.1))),
+                  Recipe(3e-3, 1e-3), Recipe(1e-3, 0.1)), ablation_seeds=(1, 2)),
     vit=study.StudyConfig(
         budget=Budget(steps=300, batch=64, eval_every=10),
         random_grid=(Recipe(1e-3, 0.01), Recipe(3e-3, 0.01)),
@@ -111,18 +111,23 @@ def render(lm_res: dict, vit_res: dict, extra: dict, outdir: str) -> report.Sect
         f"subcloned at lr {sr['lr']:g}, wd {sr['wd']:g} (sweep seed speed-ups: {sweep}). "
         f"**Speed-up over {len(sp)} seed(s): {_spread(sp)}.**",
         _seed_table(res), f"![{tag} curves]({os.path.relpath(fig, outdir)})"]
+  spreads = lm_res.get("variant_speedups", {})
   rows = [[n, f"{v['run']['initial_loss']:.3f}", f"{v['run']['final_loss']:.3f}",
-           _fmt_steps(v["steps"]), f"{v['speedup']:.2f}x"] for n, v in lm_res["variants"].items()]
+           _fmt_steps(v["steps"]), f"{v['speedup']:.2f}x",
+           _spread(spreads[n]) if len(spreads.get(n, [])) > 1 else "-"]
+          for n, v in lm_res["variants"].items()]
   series = {n: tuple(zip(*v["run"]["curve"])) for n, v in lm_res["variants"].items()}
   fig = report.line_plot(os.path.join(fig_dir, "subclone_ablations.png"), series, xlabel="step",
                          ylabel="validation loss", title="LM child: ablations and peers",
                          logy=True)
+  n_seeds = len(next(iter(spreads.values()), []))
   parts += [
-      "Ablations and peers on the LM (sweep seed, subcloned recipe, same budget; speed-up "
-      "against the same random-init reference; block influence of the parent's blocks: "
+      "Ablations and peers on the LM (subcloned recipe, same budget; speed-up against the "
+      "random-init run of the same seed; columns 2-5: the sweep seed, last column: mean over "
+      f"{n_seeds} seeds incl. it; block influence of the parent's blocks: "
       + ", ".join(f"{b:.3f}" for b in lm_res["block_influence"]) + "):",
       report.markdown_table(["init", "initial loss", "final loss", "steps to random's final",
-                             "speed-up"], rows),
+                             "speed-up", "speed-up over seeds"], rows),
       f"![ablations]({os.path.relpath(fig, outdir)})"]
   return report.Section("Subclone: training speed of subcloned vs random init", "\n\n".join(parts))
 

@@ -8,8 +8,9 @@ Protocol, per model:
    best speed-up wins). Selection uses only ``sweep_seed``.
 2. Report seeds (disjoint from the sweep seed): random vs subcloned at the
    chosen recipes; speed-up per seed.
-3. Ablations and peers (LM; on the sweep seed, the chosen subcloned recipe,
-   same budget): every variant's speed-up against the same random reference.
+3. Ablations and peers (LM; the chosen subcloned recipe, same budget, on the
+   sweep seed and ``ablation_seeds``): each variant's speed-up against the
+   random-init run of the same seed.
 Every finished run is cached in a JSON file so an interrupted study resumes.
 """
 
@@ -45,6 +46,7 @@ class StudyConfig:
   seeds: tuple[int, ...] = (1, 2, 3)
   sweep_seed: int = 0
   ablations: tuple[str, ...] = ABLATIONS
+  ablation_seeds: tuple[int, ...] = ()  # besides the sweep seed
   depth_frac: float = 2 / 3      # child depth / parent depth (1 keeps every block)
   calib: int = 16                # calibration sequences / images for importance
   eval_size: int = 16            # validation windows (LM) / hundreds of test images (ViT)
@@ -90,12 +92,16 @@ def _compare(children: dict[str, Callable[[], Any]], random_init: Callable[[int]
     ref, sub = run("random", lambda: random_init(s), rand, s), run("subcloned",
                                                                     children["subcloned"], best, s)
     seeds[s] = {"random": ref, "subcloned": sub, **speedup(ref, sub)}
-  variants = {"subcloned": children["subcloned"]} | {n: children[n] for n in cfg.ablations}
-  runs = {n: run(n, init, best, s0) for n, init in variants.items()} | {"random init": ref0}
-  variants = {n: {**speedup(ref0, r), "run": r} for n, r in runs.items()}
+  inits = {"subcloned": children["subcloned"]} | {n: children[n] for n in cfg.ablations}
+  per_seed = {}
+  for s in (s0, *cfg.ablation_seeds):
+    ref = ref0 if s == s0 else run("random", lambda: random_init(s), rand, s)
+    runs = {n: run(n, init, best, s) for n, init in inits.items()} | {"random init": ref}
+    per_seed[s] = {n: {**speedup(ref, r), "run": r} for n, r in runs.items()}
+  spread = {n: [per_seed[s][n]["speedup"] for s in per_seed] for n in per_seed[s0]}
   return {"random_recipe": dataclasses.asdict(rand), "random_sweep": refs,
           "sub_recipe": dataclasses.asdict(best), "sweep": sweep, "seeds": seeds,
-          "variants": variants}
+          "variants": per_seed[s0], "variant_speedups": spread}
 
 
 def _run_meta(parent_cfg: Any, cfg: StudyConfig) -> dict:
