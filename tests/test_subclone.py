@@ -221,6 +221,7 @@ def test_lm_study_plumbing_on_a_tiny_parent(tmp_path):
   scfg = study.StudyConfig(budget=Budget(steps=4, batch=2, eval_every=2),
                            random_grid=(Recipe(3e-3, 0.1),), sub_grid=(Recipe(1e-3, 0.0),),
                            seeds=(1,), ablations=("weight selection (peer)",),
+                           ablation_seeds=(1,),
                            calib=2, eval_size=2, seq_len=32)
   res = study.lm_study(parent, cfg, scfg, str(tmp_path / "runs.json"), progress=False)
   assert res["child_config"]["d_model"] == 16 and res["child_config"]["n_layers"] == 2
@@ -230,4 +231,8 @@ def test_lm_study_plumbing_on_a_tiny_parent(tmp_path):
   assert [s for s, _ in r["subcloned"]["curve"]] == [0, 2, 4]
   # Subcloning a trained parent starts below a random init's loss (ln 256 = 5.5).
   assert r["subcloned"]["initial_loss"] < r["random"]["initial_loss"]
-  assert len(json.load(open(tmp_path / "runs.json"))["runs"]) == 5
+  # Seed 1's random and subcloned runs are shared with the report seeds: one new run.
+  assert len(json.load(open(tmp_path / "runs.json"))["runs"]) == 6
+  assert {n: len(v) for n, v in res["variant_speedups"].items()} == {
+      "subcloned": 2, "weight selection (peer)": 2, "random init": 2}
+  assert res["variant_speedups"]["random init"] == [1.0, 1.0]
