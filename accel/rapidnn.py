@@ -104,11 +104,20 @@ def _fit_1d(values: np.ndarray, k: int, cfg: RapidConfig, salt: int) -> np.ndarr
   return np.sort(res.centroids)
 
 
-def build(params: dict, ops: tuple[Op, ...], x_calib: np.ndarray, cfg: RapidConfig) -> Codebook:
-  """Clusters each linear layer's kernel (w) and float-network input (u)."""
+def layer_activations(params: dict, ops: tuple[Op, ...], x_calib: np.ndarray) -> dict:
+  """{layer: {'input', 'pre'}}: each linear layer's float input and pre-activation
+  on ``x_calib`` -- what ``build`` clusters; independent of (u, w)."""
   raw = {name: {"kernel": params[name]["kernel"], "bias": params[name]["bias"]}
          for name in linear_layers(ops)}
-  _, seen = jax.jit(functools.partial(float_forward, ops=ops, collect=True))(raw, x=x_calib)
+  return jax.jit(functools.partial(float_forward, ops=ops, collect=True))(raw, x=x_calib)[1]
+
+
+def build(params: dict, ops: tuple[Op, ...], x_calib: np.ndarray | None, cfg: RapidConfig, *,
+          activations: dict | None = None) -> Codebook:
+  """Clusters each linear layer's kernel (w) and float-network input (u) on
+  ``x_calib``, or on ``activations`` from ``layer_activations`` when building
+  many codebooks from the same calibration set."""
+  seen = activations if activations is not None else layer_activations(params, ops, x_calib)
   cb: Codebook = {}
   for i, name in enumerate(linear_layers(ops)):
     kernel = np.asarray(params[name]["kernel"])

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from accel import rapidnn
 from accel.kmeans import kmeans
-from accel.program import program
+from accel.program import linear_layers, program
 from accel.retrain import RetrainConfig, retrain
 from core import data, evaluation
 from core.cache import RunCache
@@ -63,13 +63,10 @@ def smallest_within(cells: dict, float_acc: float, bound: float, key: str = "aft
   return min(ok)[2:] if ok else None
 
 
-def _median_time(fn, reps: int) -> float:
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts))
+def _time(fn) -> float:
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t
 
 
 def emulator_check(cb, ops, params, model: str, mcfg, x: np.ndarray, reps: int = 5) -> dict:
@@ -82,12 +79,13 @@ def emulator_check(cb, ops, params, model: str, mcfg, x: np.ndarray, reps: int =
   float_fn(params, x).block_until_ready()
   t_emu, t_float = [], []
   for _ in range(reps):  # interleaved, so drift hits both
-    t_emu.append(_median_time(lambda: rapidnn.emulate(cb, x, ops), 1))
-    t_float.append(_median_time(lambda: float_fn(params, x), 1))
+    t_emu.append(_time(lambda: rapidnn.emulate(cb, x, ops)))
+    t_float.append(_time(lambda: float_fn(params, x)))
   n = len(x)
   return {"agree": float(jnp.mean(emu.argmax(-1) == ref.argmax(-1))),
           "max_logit_diff": float(jnp.max(jnp.abs(emu - ref))),
-          "emulator_img_s": n / float(np.median(t_emu)), "float_img_s": n / float(np.median(t_float))}
+          "emulator_img_s": n / float(np.median(t_emu)),
+          "float_img_s": n / float(np.median(t_float))}
 
 
 def cell_meta(plan: GridPlan, ds_name: str, model: str, float_acc: float) -> dict:
@@ -102,30 +100,31 @@ def grid_run(ds: data.Dataset, model: str, steps: int, plan: GridPlan, workdir: 
   retraining. Returns (JSON-ready results, float params, model config)."""
   params, mcfg, float_acc = train_float(ds, model, steps, plan, workdir, progress)
   ops = program(model, mcfg)
-  calib = ds.x_train[:plan.calib_images]
+  acts = rapidnn.layer_activations(params, ops, ds.x_train[:plan.calib_images])
+  codebook = lambda cfg: rapidnn.build(params, ops, None, cfg, activations=acts)
   apply = lambda cb, x: rapidnn.float_forward(cb, ops, x)
   cache = RunCache(cache_path, cell_meta(plan, ds.name, model, float_acc))
   cells = {}
   pairs = [(u, w) for u in plan.sizes for w in plan.sizes]
   for u, w in tqdm(pairs, desc=f"{model}/{ds.name} grid", disable=not progress):
     def cell(u=u, w=w):
-      cb = rapidnn.build(params, ops, calib, rapidnn.RapidConfig(u=u, w=w))
+      cb = codebook(rapidnn.RapidConfig(u=u, w=w))
       before = _accuracy(apply, cb, ds)
       after = _accuracy(apply, retrain(cb, ops, ds, plan.retrain), ds)
       return {"before": before, "after": after}
     cells[(u, w)] = cache.get(f"u{u}_w{w}", cell)
-  chosen = smallest_within(cells, float_acc, plan.bound) or (max(plan.sizes), max(plan.sizes))
-  cb = retrain(rapidnn.build(params, ops, calib, rapidnn.RapidConfig(*chosen)), ops, ds,
-               plan.retrain)
+  best = smallest_within(cells, float_acc, plan.bound)
+  chosen = best or (max(plan.sizes), max(plan.sizes))
+  cb = retrain(codebook(rapidnn.RapidConfig(*chosen)), ops, ds, plan.retrain)
   check = emulator_check(cb, ops, params, model, mcfg, ds.x_test[:plan.check_images])
   # The third knob: snap pre-activations to a few levels before the ReLU (no retraining).
-  acts = {a: _accuracy(apply, rapidnn.build(params, ops, calib, rapidnn.RapidConfig(
-      *chosen, act_levels=a)), ds) for a in plan.act_levels}
+  levels = {a: _accuracy(apply, codebook(rapidnn.RapidConfig(*chosen, act_levels=a)), ds)
+            for a in plan.act_levels}
   res = {"dataset": ds.name, "model": model, "float_acc": float_acc,
          "weights": sum(int(np.prod(p["kernel"].shape)) for p in params.values()),
          "cells": {f"{u},{w}": c for (u, w), c in cells.items()}, "chosen": list(chosen),
-         "within_bound": smallest_within(cells, float_acc, plan.bound) is not None,
-         "check": check, "act_levels": {str(a): v for a, v in acts.items()},
+         "within_bound": best is not None,
+         "check": check, "act_levels": {str(a): v for a, v in levels.items()},
          "chosen_before": cells[chosen]["before"]}
   return res, params, mcfg
 
@@ -161,14 +160,11 @@ def kmeans_benchmark(values: dict[str, np.ndarray], ks: tuple[int, ...], reps: i
 def layer_values(params: dict, ops, x_calib: np.ndarray, max_points: int = 65536,
                  seed: int = 0) -> dict[str, Any]:
   """Each linear layer's weights and (sampled) float inputs: what RAPIDNN clusters."""
-  raw = {n: {"kernel": params[n]["kernel"], "bias": params[n]["bias"]}
-         for n in params if n.startswith(("conv", "dense"))}
-  _, seen = jax.jit(functools.partial(rapidnn.float_forward, ops=ops, collect=True))(raw,
-                                                                                    x=x_calib)
+  seen = rapidnn.layer_activations(params, ops, x_calib)
   rng = np.random.default_rng(seed)
   out = {}
-  for n in raw:
-    out[f"{n} weights"] = np.asarray(raw[n]["kernel"]).reshape(-1)
+  for n in linear_layers(ops):
+    out[f"{n} weights"] = np.asarray(params[n]["kernel"]).reshape(-1)
     v = np.asarray(seen[n]["input"]).reshape(-1)
     out[f"{n} inputs"] = rng.choice(v, min(max_points, len(v)), replace=False)
   return out
