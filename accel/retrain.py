@@ -17,7 +17,7 @@ import jax
 from accel.program import Op
 from accel.rapidnn import Codebook, float_forward
 from core import data
-from core.models import layers
+from core.recipes import classifier_loss
 from core.train import TrainConfig, train
 
 TRAINABLE = ("w_c", "bias")
@@ -47,11 +47,8 @@ def retrain(cb: Codebook, ops: tuple[Op, ...], ds: data.Dataset, cfg: RetrainCon
   """Fine-tunes the centroids and biases on ``ds``'s training split."""
   trainable, fixed = split(cb)
 
-  def loss_fn(params, batch):
-    logits = float_forward(merge(params, fixed), ops, batch["x"], ste=True)
-    ce = layers.cross_entropy(logits, batch["y"])
-    return ce, {"loss": ce}
-
+  loss_fn = classifier_loss(lambda params, x: float_forward(merge(params, fixed), ops, x,
+                                                            ste=True))
   tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr,
                      warmup_steps=max(1, cfg.steps // 10), weight_decay=0.0, seed=cfg.seed,
                      log_every=max(1, cfg.steps // 5))

@@ -8,7 +8,7 @@ import functools
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -42,6 +42,17 @@ def _dump(workdir: str | None, metrics: dict, model_config: Any) -> None:
                 indent=2, default=str)
 
 
+def classifier_loss(apply_fn: Callable[[Any, jax.Array], jax.Array]) -> Callable:
+  """``(params, batch) -> (cross-entropy, {'loss', 'accuracy'})`` for an image batch."""
+
+  def loss_fn(params, batch):
+    logits = apply_fn(params, batch["x"])
+    ce = layers.cross_entropy(logits, batch["y"])
+    return ce, {"loss": ce, "accuracy": (logits.argmax(-1) == batch["y"]).mean()}
+
+  return loss_fn
+
+
 def train_classifier(dataset: str | data.Dataset, model: str, train_cfg: TrainConfig, *,
                      workdir: str | None = None, progress: bool = True,
                      **model_overrides: Any) -> RecipeResult:
@@ -53,11 +64,7 @@ def train_classifier(dataset: str | data.Dataset, model: str, train_cfg: TrainCo
   module = CLASSIFIERS[model]
   apply_fn = functools.partial(module.apply, cfg=mcfg)
 
-  def loss_fn(params, batch):
-    logits = apply_fn(params, batch["x"])
-    ce = layers.cross_entropy(logits, batch["y"])
-    return ce, {"loss": ce, "accuracy": (logits.argmax(-1) == batch["y"]).mean()}
-
+  loss_fn = classifier_loss(apply_fn)
   params = module.init(jax.random.key(train_cfg.seed), mcfg)
   res = train(loss_fn, params,
               lambda step: data.image_batch(ds, train_cfg.batch_size, train_cfg.seed, step),

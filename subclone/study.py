@@ -28,11 +28,12 @@ import jax
 from core import data, evaluation
 from core.cache import RunCache
 from core.checkpoint import CheckpointManager
-from core.models import layers, lm, vit
+from core.models import lm, vit
+from core.recipes import classifier_loss
 from subclone import peers
 from subclone.importance import lm_importance, vit_importance
 from subclone.speedup import Budget, Recipe, speedup, train_run
-from subclone.surgery import ChildSpec, subclone_lm, subclone_vit
+from subclone.surgery import ChildSpec, child_config, subclone_lm, subclone_vit
 
 ABLATIONS = ("no scaling", "first d' (no reordering)", "random indices", "remove last blocks",
              "weight selection (peer)", "block influence (peer)")
@@ -130,7 +131,7 @@ def lm_study(parent: dict, parent_cfg: lm.LMConfig, cfg: StudyConfig, cache_path
   spec = child_spec(parent_cfg, cfg.depth_frac)
   imp = lm_importance(parent, calib, parent_cfg)
   sub = lambda **kw: subclone_lm(parent, parent_cfg, imp, spec, **kw)[0]
-  ccfg = subclone_lm(parent, parent_cfg, imp, spec)[1]
+  ccfg = child_config(parent_cfg, spec)
   bi = peers.block_influence(parent, calib, parent_cfg)
   children = {
       "subcloned": sub,
@@ -161,14 +162,8 @@ def vit_study(parent: dict, parent_cfg: vit.ViTConfig, ds: data.Dataset, cfg: St
   imp = vit_importance(parent, ds.x_train[:cfg.calib], parent_cfg)
   child, ccfg = subclone_vit(parent, parent_cfg, imp, spec)
   apply = functools.partial(vit.apply, cfg=ccfg)
-
-  def loss_fn(params, batch):
-    logits = apply(params, batch["x"])
-    ce = layers.cross_entropy(logits, batch["y"])
-    return ce, {"loss": ce}
-
   meta = {**_run_meta(parent_cfg, cfg), "dataset": ds.name}
-  run = _runner(RunCache(cache_path, meta), loss_fn,
+  run = _runner(RunCache(cache_path, meta), classifier_loss(apply),
                 lambda seed, step: data.image_batch(ds, cfg.budget.batch, seed, step),
                 lambda p: evaluation.classifier_metrics(apply, p, x_eval, y_eval)["loss"],
                 cfg.budget, progress)
