@@ -113,3 +113,16 @@ def write_report(path: str, section_fns: Sequence[tuple[str, SectionFn]], *, qui
     f.write(header + "\n" + "\n".join(parts))
   os.replace(tmp, path)
   return failed
+
+
+def write_report_or_exit(path: str, section_fns: Sequence[tuple[str, SectionFn]], *, quick: bool,
+                         outdir: str, echo: bool = False) -> None:
+  """What a report binary does: ``write_report``, print the path (``echo``: the
+  report itself), and exit non-zero if a section failed."""
+  failed = write_report(path, section_fns, quick=quick, outdir=outdir)
+  if echo:
+    with open(path) as f:
+      print(f.read())
+  print(f"wrote {path}" + (f"; FAILED sections: {failed}" if failed else ""))
+  if failed:
+    raise SystemExit(1)

@@ -33,11 +33,8 @@ def main(argv):
   unknown = set(_ONLY.value) - {n for n, _ in SECTIONS}
   if unknown:
     raise app.UsageError(f"unknown sections {sorted(unknown)}; have {[n for n, _ in SECTIONS]}")
-  path = f"{_OUTDIR.value}/REPORT.md"
-  failed = report.write_report(path, chosen, quick=not _FULL.value, outdir=_OUTDIR.value)
-  print(f"wrote {path}" + (f"; FAILED sections: {failed}" if failed else ""))
-  if failed:
-    raise SystemExit(1)
+  report.write_report_or_exit(f"{_OUTDIR.value}/REPORT.md", chosen, quick=not _FULL.value,
+                              outdir=_OUTDIR.value)
 
 
 if __name__ == "__main__":

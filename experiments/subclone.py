@@ -20,12 +20,8 @@ _OUTDIR = flags.DEFINE_string("outdir", "results/subclone_study",
 
 def main(argv):
   del argv
-  path = f"{_OUTDIR.value}/REPORT.md"
-  failed = report.write_report(path, [("subclone", section.section)], quick=_QUICK.value,
-                               outdir=_OUTDIR.value)
-  print(open(path).read())
-  if failed:
-    raise SystemExit(1)
+  report.write_report_or_exit(f"{_OUTDIR.value}/REPORT.md", [("subclone", section.section)],
+                              quick=_QUICK.value, outdir=_OUTDIR.value, echo=True)
 
 
 if __name__ == "__main__":
