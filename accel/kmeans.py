@@ -113,6 +113,11 @@ def kmeans(x, k: int, *, seed: int = 0, weights=None, max_iter: int = 100,
   x2 = x[:, None] if flat else x
   if x2.ndim != 2 or x2.shape[0] == 0:
     raise ValueError(f"kmeans expects (N,) or (N, D) data with N >= 1, got shape {x.shape}")
+  if not np.isfinite(x2).all():
+    bad = int(np.size(x2) - np.isfinite(x2).sum())
+    raise ValueError(f"kmeans got {bad} non-finite values (NaN or inf); clean the data first")
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+    raise TypeError(f"k must be an integer, got {k!r}")
   if not 1 <= k <= x2.shape[0]:
     raise ValueError(f"k={k} clusters need 1 <= k <= number of points ({x2.shape[0]})")
   if max_iter < 1:

@@ -39,17 +39,20 @@ class RapidConfig:
   u: int = 16                      # input clusters per layer
   w: int = 16                      # weight clusters per layer
   act_levels: int | None = None    # None: exact ReLU before the next encoding
-  acc_frac_bits: int | None = None  # fixed-point accumulation; None: float32
   calib_points: int = 65536        # input values sampled per layer to cluster
   seed: int = 0
 
   def __post_init__(self):
+    for f in ("u", "w", "calib_points", "seed", "act_levels"):
+      v = getattr(self, f)
+      if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+        raise TypeError(f"RapidConfig.{f} must be an integer, got {v!r}")
     if self.u < 1 or self.w < 1:
       raise ValueError(f"u and w must be >= 1 clusters, got u={self.u}, w={self.w}")
     if self.act_levels is not None and self.act_levels < 2:
       raise ValueError(f"act_levels must be None or >= 2, got {self.act_levels}")
-    if self.acc_frac_bits is not None and not 0 <= self.acc_frac_bits <= 20:
-      raise ValueError(f"acc_frac_bits must be None or in [0, 20], got {self.acc_frac_bits}")
+    if self.calib_points < 1:
+      raise ValueError(f"calib_points must be >= 1, got {self.calib_points}")
 
 
 def _snap(x: jax.Array, c_sorted: jax.Array) -> jax.Array:
@@ -104,6 +107,16 @@ def _fit_1d(values: np.ndarray, k: int, cfg: RapidConfig, salt: int) -> np.ndarr
   return np.sort(res.centroids)
 
 
+def check_layers(tree: dict, ops: tuple[Op, ...], what: str) -> None:
+  """A clear error unless ``tree`` has an entry for every linear layer of ``ops``
+  (e.g. params of a 2-layer MLP with the op list of a 3-layer one)."""
+  missing = [n for n in linear_layers(ops) if n not in tree]
+  if missing:
+    raise ValueError(f"{what} lack the layers {missing} that the op list needs (it has "
+                     f"{linear_layers(ops)}, {what} have {sorted(tree)}): were ops made "
+                     "from this model's config?")
+
+
 def layer_activations(params: dict, ops: tuple[Op, ...], x_calib: np.ndarray) -> dict:
   """{layer: {'input', 'pre'}}: each linear layer's float input and pre-activation
   on ``x_calib`` -- what ``build`` clusters; independent of (u, w)."""
@@ -117,7 +130,12 @@ def build(params: dict, ops: tuple[Op, ...], x_calib: np.ndarray | None, cfg: Ra
   """Clusters each linear layer's kernel (w) and float-network input (u) on
   ``x_calib``, or on ``activations`` from ``layer_activations`` when building
   many codebooks from the same calibration set."""
+  check_layers(params, ops, "params")
+  if activations is None and x_calib is None:
+    raise ValueError("build needs calibration inputs: pass x_calib (a batch of training "
+                     "images) or activations from layer_activations")
   seen = activations if activations is not None else layer_activations(params, ops, x_calib)
+  check_layers(seen, ops, "activations")
   cb: Codebook = {}
   for i, name in enumerate(linear_layers(ops)):
     kernel = np.asarray(params[name]["kernel"])
@@ -131,11 +149,6 @@ def build(params: dict, ops: tuple[Op, ...], x_calib: np.ndarray | None, cfg: Ra
       entry["act"] = _fit_1d(np.asarray(seen[name]["pre"]), cfg.act_levels, cfg, 500 + i)
     cb[name] = jax.tree.map(jnp.asarray, entry)
   return cb
-
-
-def dequantized_params(cb: Codebook) -> dict:
-  """Float params whose kernels are the centroid values (for ``core.models`` apply)."""
-  return {n: {"kernel": p["w_c"][p["w_idx"]], "bias": p["bias"]} for n, p in cb.items()}
 
 
 def product_rows(table, w_idx_KxN, frac_bits=None):
@@ -195,11 +208,30 @@ def _emulate_one(cb: Codebook, rows: dict, x, ops: tuple[Op, ...], frac_bits):
   return acc
 
 
-@functools.partial(jax.jit, static_argnames=("ops", "frac_bits", "chunk"))
 def emulate(cb: Codebook, x_BxHxWxC: jax.Array, ops: tuple[Op, ...],
             frac_bits: int | None = None, chunk: int = 4) -> jax.Array:
   """Logits (B, classes) of the lookup datapath, vmapped over ``chunk`` examples at a
-  time (small chunks are fastest on CPU: the row gathers stay in cache)."""
+  time (small chunks are fastest on CPU: the row gathers stay in cache).
+  ``x_BxHxWxC`` is a batch of images (B, H, W, C), MLP inputs included."""
+  check_layers(cb, ops, "codebook")
+  shape = getattr(x_BxHxWxC, "shape", None)
+  if shape is None or len(shape) != 4:
+    raise ValueError(f"emulate expects images (B, H, W, C), got shape {shape}; add the "
+                     "channel axis with x[..., None]")
+  first = cb[linear_layers(ops)[0]]["w_idx"]
+  if ops[0][0] == "conv" and first.shape[2] != shape[3]:
+    raise ValueError(f"the first conv expects {first.shape[2]} input channels, got {shape[3]}")
+  if ops[0][0] != "conv" and first.shape[0] != int(np.prod(shape[1:])):
+    raise ValueError(f"the first dense layer expects {first.shape[0]} inputs per example, "
+                     f"got {shape[1:]}")
+  if frac_bits is not None and not 0 <= frac_bits <= 20:
+    raise ValueError(f"frac_bits must be None or in [0, 20], got {frac_bits}")
+  return _emulate(cb, x_BxHxWxC, ops, frac_bits, chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("ops", "frac_bits", "chunk"))
+def _emulate(cb: Codebook, x_BxHxWxC: jax.Array, ops: tuple[Op, ...],
+             frac_bits: int | None, chunk: int) -> jax.Array:
   rows = {}
   for name, p in cb.items():
     table = p["in_c"][:, None] * p["w_c"][None, :]               # (u, w) centroid products

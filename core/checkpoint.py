@@ -7,6 +7,7 @@ so a run killed mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -38,13 +39,46 @@ class CheckpointManager:
 
   def restore(self, like: PyTree | None, step: int | None = None
               ) -> tuple[int, PyTree] | None:
-    """(step, state) of ``step`` (default: latest), shaped like ``like`` (None:
-    as saved, with NumPy leaves); None if there is no checkpoint."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
+    """(step, state) of ``step``, shaped like ``like`` (None: as saved, with
+    NumPy leaves); None if there is no checkpoint. Without ``step``: the newest
+    checkpoint that reads back -- a corrupted newer one is reported and skipped,
+    and the error is raised only if none can be read."""
     target = _abstract(like) if like is not None else None
-    return step, self._mngr.restore(step, args=ocp.args.StandardRestore(target))
+    read = lambda s: (s, self._mngr.restore(s, args=ocp.args.StandardRestore(target)))
+    if step is not None:
+      return read(step)
+    steps = sorted(self._mngr.all_steps(), reverse=True)
+    errors = []
+    for s in steps:
+      try:
+        out = read(s)
+      except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+        errors.append((s, e))
+        logging.warning("checkpoint step %d under %s cannot be read (%s: %s); trying an "
+                        "earlier one", s, self.directory, type(e).__name__, e)
+        continue
+      if errors:
+        self._set_aside([e[0] for e in errors])
+        logging.warning("resumed from checkpoint step %d; newer step(s) %s were unreadable "
+                        "and are kept beside it as <step>.unreadable", s, [e[0] for e in errors])
+      return out
+    if errors:
+      raise RuntimeError(f"no checkpoint under {self.directory} can be read: "
+                         + "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in errors)
+                         ) from errors[0][1]
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames unreadable step folders out of the manager's view (kept, not
+    deleted), so training can write those steps again."""
+    for s in steps:
+      src = os.path.join(self.directory, str(s))
+      dst = f"{src}.unreadable"
+      n = 1
+      while os.path.exists(dst):
+        dst, n = f"{src}.unreadable{n}", n + 1
+      os.replace(src, dst)
+    self._mngr.reload()
 
   def close(self) -> None:
     self._mngr.close()

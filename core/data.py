@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import inspect
 import os
 import re
 from typing import Callable
@@ -171,7 +172,26 @@ def load(name: str, **kwargs) -> Dataset:
   (``seed`` for the seeded splits, ``data_dir`` for fashion_mnist)."""
   if name not in _LOADERS:
     raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+  accepted = inspect.signature(_LOADERS[name]).parameters
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    raise TypeError(f"data.load({name!r}) got unknown keyword(s) {unknown}; it accepts "
+                    f"{sorted(accepted) or 'none'}")
   return _LOADERS[name](**kwargs)
+
+
+def holdout(ds: Dataset, n: int, seed: int = 0) -> tuple[Dataset, np.ndarray, np.ndarray]:
+  """Carves ``n`` training images out of ``ds`` as a validation split for
+  choosing recipes, thresholds or table sizes, so the test split is left for
+  reporting. Returns (dataset without them, x_val, y_val); seeded."""
+  if ds.is_text:
+    raise ValueError(f"{ds.name} is a text dataset; its validation split is held-out books")
+  if not 0 < n < len(ds.x_train):
+    raise ValueError(f"holdout needs 0 < n < {len(ds.x_train)} training images, got {n}")
+  perm = np.random.default_rng([seed, 7]).permutation(len(ds.x_train))
+  val, keep = np.sort(perm[:n]), np.sort(perm[n:])
+  rest = dataclasses.replace(ds, x_train=ds.x_train[keep], y_train=ds.y_train[keep])
+  return rest, ds.x_train[val], ds.y_train[val]
 
 
 def image_batch(ds: Dataset, batch_size: int, seed: int, step: int):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,22 +55,52 @@ def _kill_all(procs: list[subprocess.Popen]) -> None:
     p.wait()
 
 
+# What a coordinator says when its port was taken between free_port() and its bind.
+_PORT_TAKEN = ("Failed to add port to server", "Failed to start RPC server",
+               "Address already in use")
+
+
+class PortTakenError(WorkerError):
+  """The coordinator could not bind its port (another process took it first)."""
+
+
 def launch(target: str, num_processes: int, *, local_devices: int = 1,
            args: dict | None = None, timeout: float = 120.0,
-           extra_env: dict[str, str] | None = None) -> list[Any]:
+           extra_env: dict[str, str] | None = None, port_attempts: int = 3) -> list[Any]:
   """Runs ``target(**args)`` in ``num_processes`` coordinated JAX processes and
   returns their results in process order. Raises WorkerError on the first
-  failure and TimeoutError past ``timeout`` seconds, killing all workers."""
+  failure and TimeoutError past ``timeout`` seconds, killing all workers. A
+  port taken between choosing it and binding it is retried with a fresh one
+  (``port_attempts`` in all); the temporary folder (pickled arguments,
+  results, logs) is removed afterwards."""
   if num_processes < 1 or local_devices < 1:
     raise ValueError(f"need num_processes >= 1 and local_devices >= 1, got "
                      f"{num_processes}, {local_devices}")
   if ":" not in target:
     raise ValueError(f"target must be 'module:function', got {target!r}")
-  port = free_port()
+  if port_attempts < 1:
+    raise ValueError(f"port_attempts must be >= 1, got {port_attempts}")
   tmp = tempfile.mkdtemp(prefix="mp_launch_")
-  args_path = os.path.join(tmp, "args.pkl")
-  with open(args_path, "wb") as f:
-    pickle.dump(args or {}, f)
+  try:
+    args_path = os.path.join(tmp, "args.pkl")
+    with open(args_path, "wb") as f:
+      pickle.dump(args or {}, f)
+    for attempt in range(port_attempts):
+      try:
+        return _launch_once(target, num_processes, local_devices, args_path, timeout,
+                            extra_env, free_port(), os.path.join(tmp, f"try{attempt}"))
+      except PortTakenError:
+        if attempt == port_attempts - 1:
+          raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  raise AssertionError("unreachable")
+
+
+def _launch_once(target: str, num_processes: int, local_devices: int, args_path: str,
+                 timeout: float, extra_env: dict[str, str] | None, port: int,
+                 tmp: str) -> list[Any]:
+  os.makedirs(tmp)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   procs, logs = [], []
   for i in range(num_processes):
@@ -91,8 +122,9 @@ def launch(target: str, num_processes: int, *, local_devices: int = 1,
       failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
       if failed:
         i = failed[0]
-        raise WorkerError(f"worker {i} of {num_processes} exited with code {codes[i]}:\n"
-                          f"{_tail(logs[i])}")
+        tail = _tail(logs[i])
+        err = PortTakenError if i == 0 and any(m in tail for m in _PORT_TAKEN) else WorkerError
+        raise err(f"worker {i} of {num_processes} exited with code {codes[i]}:\n{tail}")
       if all(c == 0 for c in codes):
         break
       if time.monotonic() > deadline:

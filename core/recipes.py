@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from core import data, evaluation
 from core.models import CLASSIFIERS, classifier_config, layers, lm, num_params
@@ -53,10 +55,22 @@ def classifier_loss(apply_fn: Callable[[Any, jax.Array], jax.Array]) -> Callable
   return loss_fn
 
 
+def _data_fingerprint(*arrays) -> str:
+  """A short hash of the training data, so a workdir is not resumed on other data
+  (e.g. a training split with a validation split carved out of it)."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
 def train_classifier(dataset: str | data.Dataset, model: str, train_cfg: TrainConfig, *,
-                     workdir: str | None = None, progress: bool = True,
+                     workdir: str | None = None, progress: bool = True, restart: bool = False,
                      **model_overrides: Any) -> RecipeResult:
-  """Trains classifier ``model`` ('mlp', 'cnn', 'vit') on an image dataset."""
+  """Trains classifier ``model`` ('mlp', 'cnn', 'vit') on an image dataset.
+  A ``workdir`` made with another config or data is refused unless ``restart``."""
   ds = data.load(dataset) if isinstance(dataset, str) else dataset
   if ds.is_text:
     raise ValueError(f"{ds.name} is a text dataset; classifiers need images")
@@ -69,7 +83,11 @@ def train_classifier(dataset: str | data.Dataset, model: str, train_cfg: TrainCo
   res = train(loss_fn, params,
               lambda step: data.image_batch(ds, train_cfg.batch_size, train_cfg.seed, step),
               train_cfg, workdir=workdir, progress=progress, desc=f"{model}/{ds.name}",
-              eval_fn=lambda p: evaluation.classifier_metrics(apply_fn, p, ds.x_test, ds.y_test))
+              eval_fn=lambda p: evaluation.classifier_metrics(apply_fn, p, ds.x_test, ds.y_test),
+              run_meta={"model": model, "model_config": dataclasses.asdict(mcfg),
+                        "dataset": ds.name, "train_data": _data_fingerprint(ds.x_train,
+                                                                            ds.y_train)},
+              restart=restart)
   metrics = dict(res.final_eval, params=num_params(res.params),
                  examples_per_sec=res.steps_per_sec * train_cfg.batch_size)
   _carry_throughput(workdir, metrics, "examples_per_sec")
@@ -79,8 +97,10 @@ def train_classifier(dataset: str | data.Dataset, model: str, train_cfg: TrainCo
 
 def train_lm(lm_cfg: lm.LMConfig, train_cfg: TrainConfig, *, seq_len: int | None = None,
              corpus: str = "kjv", eval_windows: int | None = 64,
-             workdir: str | None = None, progress: bool = True) -> RecipeResult:
-  """Trains the byte LM on ``corpus``; evaluates on its held-out books."""
+             workdir: str | None = None, progress: bool = True,
+             restart: bool = False) -> RecipeResult:
+  """Trains the byte LM on ``corpus``; evaluates on its held-out books.
+  A ``workdir`` made with another config is refused unless ``restart``."""
   seq_len = seq_len or lm_cfg.max_seq_len
   if seq_len > lm_cfg.max_seq_len:
     raise ValueError(f"seq_len={seq_len} exceeds max_seq_len={lm_cfg.max_seq_len}")
@@ -93,7 +113,9 @@ def train_lm(lm_cfg: lm.LMConfig, train_cfg: TrainConfig, *, seq_len: int | None
               lambda step: data.text_batch(ds.x_train, train_cfg.batch_size, seq_len,
                                            train_cfg.seed, step),
               train_cfg, workdir=workdir, progress=progress, desc=f"lm/{corpus}",
-              eval_fn=lambda p: evaluation.lm_metrics(apply_fn, p, windows))
+              eval_fn=lambda p: evaluation.lm_metrics(apply_fn, p, windows),
+              run_meta={"model_config": dataclasses.asdict(lm_cfg), "corpus": corpus,
+                        "seq_len": seq_len}, restart=restart)
   metrics = dict(res.final_eval, params=num_params(res.params),
                  unigram_loss=evaluation.unigram_loss(ds.x_train, ds.x_test),
                  tokens_per_sec=res.steps_per_sec * train_cfg.batch_size * seq_len)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import shutil
 import sys
 import time
 from typing import Any, Callable
@@ -43,12 +45,32 @@ class TrainConfig:
   ckpt_every: int = 200       # used when a workdir is given
 
   def __post_init__(self):
-    if self.steps < 1 or self.batch_size < 1:
-      raise ValueError(f"steps and batch_size must be >= 1 (got {self.steps}, {self.batch_size})")
+    for f in ("steps", "batch_size", "log_every", "ckpt_every"):
+      if getattr(self, f) < 1:
+        raise ValueError(f"TrainConfig.{f} must be >= 1, got {getattr(self, f)}")
+    if self.eval_every < 0:
+      raise ValueError(f"TrainConfig.eval_every must be >= 0 (0: only at the end), got "
+                       f"{self.eval_every}")
     if not 0 <= self.warmup_steps <= self.steps:
       raise ValueError(f"warmup_steps={self.warmup_steps} must lie in [0, steps={self.steps}]")
-    if self.lr <= 0:
-      raise ValueError(f"lr must be positive, got {self.lr}")
+    if not (math.isfinite(self.lr) and self.lr > 0):
+      raise ValueError(f"lr must be a finite positive number, got {self.lr}")
+    for f in ("min_lr_ratio", "weight_decay", "grad_clip"):
+      v = getattr(self, f)
+      if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"TrainConfig.{f} must be finite and >= 0, got {v}")
+
+  def identity(self) -> dict:
+    """The fields that decide the trained parameters (not how often the run
+    logs, evaluates or checkpoints): a resumed run must agree on all of them."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if k not in _BOOKKEEPING}
+
+
+_BOOKKEEPING = ("log_every", "eval_every", "ckpt_every")
+
+
+class ConfigMismatchError(ValueError):
+  """A workdir holds a run made with another config (see ``train(restart=)``)."""
 
 
 @dataclasses.dataclass
@@ -108,6 +130,44 @@ class MetricsLog:
         f.write(json.dumps(record) + "\n")
 
 
+RUN_FILE = "run_config.json"
+
+
+def _claim_workdir(workdir: str, identity: dict, restart: bool) -> None:
+  """Records what run ``workdir`` holds; refuses to resume a different one."""
+  identity = json.loads(json.dumps(identity, default=str))
+  path = os.path.join(workdir, RUN_FILE)
+  ckpts = os.path.join(workdir, "checkpoints")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != identity and not restart:
+      diff = {k: (saved.get(k), identity.get(k)) for k in set(saved) | set(identity)
+              if saved.get(k) != identity.get(k)}
+      for part in ("train", "run"):  # name the fields, not whole dicts
+        if part in diff and isinstance(diff[part][0], dict) and isinstance(diff[part][1], dict):
+          old, new = diff.pop(part)
+          diff |= {f"{part}.{k}": (old.get(k), new.get(k)) for k in set(old) | set(new)
+                   if old.get(k) != new.get(k)}
+      raise ConfigMismatchError(
+          f"{workdir} holds a run made with another config ({', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in sorted(diff.items()))}); "
+          "resuming would mix the two. Use another workdir, or restart=True (--restart in the "
+          "binaries) to discard the old run.")
+  elif os.path.isdir(ckpts) and os.listdir(ckpts) and not restart:
+    raise ConfigMismatchError(f"{workdir} holds checkpoints but no {RUN_FILE}, so there is no "
+                              "telling what run they belong to; use restart=True to discard "
+                              "them or another workdir")
+  if restart:
+    shutil.rmtree(ckpts, ignore_errors=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics):
+      os.remove(metrics)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(identity, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
 def _to_floats(metrics: dict) -> dict:
   return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
@@ -115,16 +175,22 @@ def _to_floats(metrics: dict) -> dict:
 def train(loss_fn: LossFn, params: PyTree, batch_fn: Callable[[int], dict],
           cfg: TrainConfig, *, eval_fn: Callable[[PyTree], dict] | None = None,
           workdir: str | None = None, progress: bool = True, desc: str = "train",
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, run_meta: dict | None = None,
+          restart: bool = False) -> TrainResult:
   """Trains ``params`` for ``cfg.steps`` steps, resuming from ``workdir`` if it
-  holds a checkpoint. ``stop_after`` ends this call after that many steps (to
-  test interruption; no checkpoint is written at the stop)."""
+  holds a checkpoint of the same run: ``cfg.identity()`` and ``run_meta``
+  (JSON-able, e.g. the model config) are stored beside the checkpoints, and a
+  workdir made with others raises ``ConfigMismatchError`` unless ``restart``,
+  which discards the old run and starts over. ``stop_after`` ends this call
+  after that many steps (to test interruption; no checkpoint is written at
+  the stop)."""
   optimizer = make_optimizer(cfg)
   state = {"params": params, "opt_state": optimizer.init(params),
            "step": jnp.asarray(0, jnp.int32)}
   mngr, resumed_from = None, None
   if workdir:
     os.makedirs(workdir, exist_ok=True)
+    _claim_workdir(workdir, {"train": cfg.identity(), "run": run_meta}, restart)
     mngr = CheckpointManager(os.path.join(workdir, "checkpoints"))
     restored = mngr.restore(state)
     if restored is not None:

@@ -20,11 +20,12 @@ from core.models import lm
 HeadPerm = Sequence[Sequence[int]]  # one order of the KV groups per block
 
 
-def identity(cfg: lm.LMConfig) -> list[np.ndarray]:
-  return [np.arange(cfg.kv_heads) for _ in range(cfg.n_layers)]
-
-
 def check(head_perm: HeadPerm, cfg: lm.LMConfig) -> None:
+  """A clear error unless ``head_perm`` holds one permutation of the KV groups per block."""
+  if len(head_perm) and np.ndim(head_perm[0]) == 0:
+    raise ValueError(f"head_perm must hold one order of the {cfg.kv_heads} KV groups per "
+                     f"block ({cfg.n_layers} sequences), got a flat list {list(head_perm)}; "
+                     f"for the same order in every block use [perm] * {cfg.n_layers}")
   if len(head_perm) != cfg.n_layers:
     raise ValueError(f"head permutation covers {len(head_perm)} blocks, model has "
                      f"{cfg.n_layers}")

@@ -63,6 +63,8 @@ def cache_specs(cache: Any) -> Any:
 def make_mesh(tp: int, devices: list | None = None) -> Mesh:
   """A 1-D mesh over the first ``tp`` devices (Auto axis type, for shard_map)."""
   devices = jax.devices() if devices is None else devices
+  if isinstance(tp, bool) or not isinstance(tp, (int, np.integer)) or tp < 1:
+    raise ValueError(f"TP size must be an integer >= 1, got {tp!r}")
   if tp > len(devices):
     raise ValueError(f"TP size {tp} needs {tp} devices; only {len(devices)} are visible")
   return Mesh(np.array(devices[:tp]), (TP,))

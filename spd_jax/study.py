@@ -210,13 +210,5 @@ def render_section(cfg: StudyConfig, metrics: dict, results: dict, ablation: dic
   return report.Section("SPD: accuracy against syncs dropped (sensitivity and strategies)", body)
 
 
-def render_saved(cfg: StudyConfig, outdir: str) -> report.Section:
-  """Re-renders the section from ``outdir/spd_accuracy.json`` without rerunning."""
-  with open(os.path.join(outdir, "spd_accuracy.json")) as f:
-    saved = json.load(f)
-  results = {int(k): v for k, v in saved["results"].items()}
-  return render_section(cfg, saved["metrics"], results, saved["ablation"], outdir)
-
-
 def section(quick: bool, outdir: str) -> report.Section:
   return run_study(QUICK if quick else FULL, outdir, model_dir=default_model_dir(quick, outdir))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from core.models import layers, lm
+from core.models import check_params, layers, lm
 from spd_jax import heads as heads_lib
 from spd_jax import sharding
 from spd_jax.sharding import TP
@@ -115,10 +115,35 @@ def _check(cfg: lm.LMConfig, mesh: Mesh, plan: SyncPlan, residual: str) -> None:
     raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {residual!r}")
 
 
+class TPForward:
+  """The jitted TP forward behind a check of its inputs (see ``make_forward``):
+  tokens (B, L) integers in [0, vocab), positions within ``max_seq_len`` or the
+  cache, a cache for the same batch, and params shaped for the config. ``lower``
+  is the jitted function's, for reading the compiled HLO."""
+
+  def __init__(self, jitted: Callable[..., Any], cfg: lm.LMConfig, with_cache: bool):
+    self._jitted, self._cfg, self._with_cache = jitted, cfg, with_cache
+
+  def _check(self, params, tokens, cache=None, pos=0) -> None:
+    check_params(lm.init, params, self._cfg, "tp forward")
+    lm.check_inputs(tokens, self._cfg, cache, pos, "tp forward")
+
+  def __call__(self, params, tokens, *cache_and_pos):
+    if self._with_cache != bool(cache_and_pos):
+      raise TypeError("this forward was made with with_cache="
+                      f"{self._with_cache}: call it as f(params, tokens"
+                      f"{', cache, pos' if self._with_cache else ''})")
+    self._check(params, tokens, *cache_and_pos)
+    return self._jitted(params, tokens, *cache_and_pos)
+
+  def lower(self, *args):
+    return self._jitted.lower(*args)
+
+
 def make_forward(cfg: lm.LMConfig, mesh: Mesh, plan: SyncPlan | None = None, *,
                  residual: str = "sum", with_cache: bool = False, no_sync: bool = False
-                 ) -> Callable[..., Any]:
-  """A jitted TP forward over ``mesh``.
+                 ) -> TPForward:
+  """A jitted TP forward over ``mesh``, with its inputs checked (``TPForward``).
 
   Without cache: ``f(params, tokens) -> logits``. With cache:
   ``f(params, tokens, cache, pos) -> (logits, cache)`` for prefill and decode.
@@ -135,10 +160,10 @@ def make_forward(cfg: lm.LMConfig, mesh: Mesh, plan: SyncPlan | None = None, *,
     c_specs = sharding.cache_specs(lm.init_cache(cfg, 1, 1))
     f = jax.shard_map(body, mesh=mesh, in_specs=(p_specs, P(), c_specs, P()),
                       out_specs=(P(), c_specs), check_vma=check_vma)
-    return jax.jit(f)
+    return TPForward(jax.jit(f), cfg, with_cache)
   f = jax.shard_map(lambda prm, tok: body(prm, tok, None, jnp.asarray(0, jnp.int32))[0],
                     mesh=mesh, in_specs=(p_specs, P()), out_specs=P(), check_vma=check_vma)
-  return jax.jit(f)
+  return TPForward(jax.jit(f), cfg, with_cache)
 
 
 def prepare_params(params: Any, cfg: lm.LMConfig, mesh: Mesh,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core.models import layers, lm, vit
+from core.models import check_params, layers, lm, vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Importance:
 
 def lm_importance(params: dict, tokens_BxL, cfg: lm.LMConfig) -> Importance:
   """Scores of every residual neuron, KV-head group and MLP unit of the LM."""
+  check_params(lm.init, params, cfg, "lm_importance")
 
   @jax.jit
   def collect(params, tokens):
@@ -63,6 +64,7 @@ def ranking(scores: np.ndarray) -> np.ndarray:
 
 def vit_importance(params: dict, images, cfg: vit.ViTConfig) -> Importance:
   """The same three rankings for the ViT (heads are its attention heads)."""
+  check_params(vit.init, params, cfg, "vit_importance")
 
   @jax.jit
   def collect(params, x):

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import jax
 
 from core import data, evaluation
-from core.cache import RunCache
+from core.cache import RunCache, params_fingerprint
 from core.checkpoint import CheckpointManager
 from core.models import lm, vit
 from core.recipes import classifier_loss
@@ -78,13 +78,17 @@ def _nan_low(x: float) -> float:
 
 
 def _compare(children: dict[str, Callable[[], Any]], random_init: Callable[[int], Any],
-             cfg: StudyConfig, run: Callable[[str, Any, Recipe, int], dict]) -> dict:
-  """Steps 1-3 of the protocol for one model; ``children['subcloned']`` is the method."""
+             cfg: StudyConfig, run: Callable[[str, Any, Recipe, int], dict],
+             select_run: Callable[[str, Any, Recipe, int], dict] | None = None) -> dict:
+  """Steps 1-3 of the protocol for one model; ``children['subcloned']`` is the method.
+  ``select_run`` (default ``run``) trains the sweep seed's runs, e.g. evaluated on a
+  validation split where ``run`` evaluates on the test split."""
+  select_run = select_run or run
   s0 = cfg.sweep_seed
-  refs = {r.tag: run("random", lambda: random_init(s0), r, s0) for r in cfg.random_grid}
+  refs = {r.tag: select_run("random", lambda: random_init(s0), r, s0) for r in cfg.random_grid}
   rand = min(cfg.random_grid, key=lambda r: refs[r.tag]["final_loss"])
   ref0 = refs[rand.tag]
-  subs = {r.tag: run("subcloned", children["subcloned"], r, s0) for r in cfg.sub_grid}
+  subs = {r.tag: select_run("subcloned", children["subcloned"], r, s0) for r in cfg.sub_grid}
   sweep = {tag: speedup(ref0, r) for tag, r in subs.items()}
   best = max(cfg.sub_grid, key=lambda r: (_nan_low(sweep[r.tag]["speedup"]),
                                           -subs[r.tag]["final_loss"]))
@@ -96,27 +100,38 @@ def _compare(children: dict[str, Callable[[], Any]], random_init: Callable[[int]
   inits = {"subcloned": children["subcloned"]} | {n: children[n] for n in cfg.ablations}
   per_seed = {}
   for s in (s0, *cfg.ablation_seeds):
+    r_fn = select_run if s == s0 else run
     ref = ref0 if s == s0 else run("random", lambda: random_init(s), rand, s)
-    runs = {n: run(n, init, best, s) for n, init in inits.items()} | {"random init": ref}
+    runs = {n: r_fn(n, init, best, s) for n, init in inits.items()} | {"random init": ref}
     per_seed[s] = {n: {**speedup(ref, r), "run": r} for n, r in runs.items()}
-  spread = {n: [per_seed[s][n]["speedup"] for s in per_seed] for n in per_seed[s0]}
+  # The sweep seed chose the recipe (best of the grid there), so its speed-ups are
+  # flattered: the spread over seeds is over the other seeds only.
+  spread = {n: [per_seed[s][n]["speedup"] for s in cfg.ablation_seeds] for n in per_seed[s0]}
   return {"random_recipe": dataclasses.asdict(rand), "random_sweep": refs,
           "sub_recipe": dataclasses.asdict(best), "sweep": sweep, "seeds": seeds,
-          "variants": per_seed[s0], "variant_speedups": spread}
+          "variants": per_seed[s0], "variant_speedups": spread,
+          "ablation_seeds": list(cfg.ablation_seeds)}
 
 
-def _run_meta(parent_cfg: Any, cfg: StudyConfig) -> dict:
-  """What every cached run depends on; recipes, seeds and variants are in the
-  run keys, so widening a sweep or adding seeds reuses the finished runs."""
+# Bump when a change here alters what a cached run would contain.
+CODE_VERSION = "subclone-study-2 (validation selection)"
+
+
+def _run_meta(parent_cfg: Any, cfg: StudyConfig, parent: Any) -> dict:
+  """What every cached run depends on: the parent (config and weights), the
+  budget and this module's version. Recipes, seeds and variants are in the run
+  keys, so widening a sweep or adding seeds reuses the finished runs."""
   keep = ("budget", "depth_frac", "calib", "eval_size", "seq_len")
-  return {"parent": dataclasses.asdict(parent_cfg),
-          "study": {k: v for k, v in dataclasses.asdict(cfg).items() if k in keep}}
+  return {"parent": dataclasses.asdict(parent_cfg), "parent_weights": params_fingerprint(parent),
+          "study": {k: v for k, v in dataclasses.asdict(cfg).items() if k in keep},
+          "code": CODE_VERSION}
 
 
 def _runner(cache: RunCache, init_loss: Callable, batch_fn: Callable, eval_fn: Callable,
-            budget: Budget, progress: bool) -> Callable[[str, Any, Recipe, int], dict]:
+            budget: Budget, progress: bool, key_prefix: str = ""
+            ) -> Callable[[str, Any, Recipe, int], dict]:
   def run(name: str, init: Callable[[], Any], recipe: Recipe, seed: int) -> dict:
-    return cache.get(f"{name}|{recipe.tag}|seed{seed}", lambda: train_run(
+    return cache.get(f"{key_prefix}{name}|{recipe.tag}|seed{seed}", lambda: train_run(
         init(), init_loss, functools.partial(batch_fn, seed), eval_fn, recipe, budget, seed,
         desc=f"{name} {recipe.tag} seed {seed}", progress=progress))
   return run
@@ -143,7 +158,7 @@ def lm_study(parent: dict, parent_cfg: lm.LMConfig, cfg: StudyConfig, cache_path
       "block influence (peer)": lambda: sub(blocks=peers.blocks_by_influence(bi, spec.n_layers)),
   }
   apply = functools.partial(lm.apply, cfg=ccfg)
-  meta = _run_meta(parent_cfg, cfg)
+  meta = _run_meta(parent_cfg, cfg, parent)
   run = _runner(RunCache(cache_path, meta), functools.partial(lm.loss, cfg=ccfg),
                 lambda seed, step: data.text_batch(ds.x_train, cfg.budget.batch, cfg.seq_len,
                                                    seed, step),
@@ -154,20 +169,31 @@ def lm_study(parent: dict, parent_cfg: lm.LMConfig, cfg: StudyConfig, cache_path
 
 
 def vit_study(parent: dict, parent_cfg: vit.ViTConfig, ds: data.Dataset, cfg: StudyConfig,
-              cache_path: str | None, progress: bool = True) -> dict:
-  """The ViT study: the subcloned child against random init (no ablations)."""
+              cache_path: str | None, progress: bool = True, *,
+              val: tuple[Any, Any] | None = None) -> dict:
+  """The ViT study: the subcloned child against random init (no ablations).
+
+  ``ds`` is the training data the parent saw; ``val`` = (x, y) a validation
+  split carved from training images (``data.holdout``): the sweep seed's runs
+  are evaluated on it, so recipes are chosen there and the report seeds are
+  evaluated on the test split. Without ``val`` the sweep uses the test split."""
   n_eval = min(len(ds.x_test), 100 * cfg.eval_size)
   x_eval, y_eval = ds.x_test[:n_eval], ds.y_test[:n_eval]
   spec = child_spec(parent_cfg, cfg.depth_frac)
   imp = vit_importance(parent, ds.x_train[:cfg.calib], parent_cfg)
   child, ccfg = subclone_vit(parent, parent_cfg, imp, spec)
   apply = functools.partial(vit.apply, cfg=ccfg)
-  meta = {**_run_meta(parent_cfg, cfg), "dataset": ds.name}
-  run = _runner(RunCache(cache_path, meta), classifier_loss(apply),
-                lambda seed, step: data.image_batch(ds, cfg.budget.batch, seed, step),
-                lambda p: evaluation.classifier_metrics(apply, p, x_eval, y_eval)["loss"],
-                cfg.budget, progress)
+  meta = {**_run_meta(parent_cfg, cfg, parent), "dataset": ds.name,
+          "n_val": None if val is None else len(val[0])}
+  cache = RunCache(cache_path, meta)
+  make = lambda x, y, prefix: _runner(
+      cache, classifier_loss(apply), lambda seed, step: data.image_batch(ds, cfg.budget.batch,
+                                                                         seed, step),
+      lambda p: evaluation.classifier_metrics(apply, p, x, y)["loss"], cfg.budget, progress,
+      key_prefix=prefix)
+  run = make(x_eval, y_eval, "")
+  select_run = make(val[0][:n_eval], val[1][:n_eval], "val|") if val is not None else run
   out = _compare({"subcloned": lambda: child}, lambda s: vit.init(jax.random.key(s), ccfg),
-                 dataclasses.replace(cfg, ablations=()), run)
+                 dataclasses.replace(cfg, ablations=()), run, select_run)
   return {"parent_config": dataclasses.asdict(parent_cfg), "child_config": dataclasses.asdict(ccfg),
-          "dataset": ds.name, **out}
+          "dataset": ds.name, "selection": "validation" if val is not None else "test", **out}

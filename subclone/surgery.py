@@ -54,22 +54,32 @@ def child_config(cfg: lm.LMConfig, spec: ChildSpec) -> lm.LMConfig:
                              d_ff=spec.d_ff, n_layers=spec.n_layers)
 
 
-def kept_blocks(n_layers: int, n_keep: int, mode: str | Sequence[int] = "middle") -> list[int]:
-  """Which parent blocks survive: 'middle' removes blocks from the middle,
-  'last' removes the last ones, 'first' the first ones, or explicit indices."""
-  if not isinstance(mode, str):
-    keep = sorted(int(i) for i in mode)
-    if len(keep) != n_keep or len(set(keep)) != n_keep or not all(0 <= i < n_layers for i in keep):
-      raise ValueError(f"kept blocks {list(mode)} must be {n_keep} distinct indices < {n_layers}")
-    return keep
-  if mode == "middle":
+def kept_blocks(n_layers: int, n_keep: int, remove: str = "middle",
+                keep: Sequence[int] | None = None) -> list[int]:
+  """The parent blocks that survive, ascending. ``remove`` names the blocks
+  taken out: 'middle', 'last' (the child keeps the first ``n_keep``) or
+  'first' (it keeps the last ``n_keep``); ``keep`` lists the survivors instead."""
+  if keep is not None:
+    kept = sorted(int(i) for i in keep)
+    if len(kept) != n_keep or len(set(kept)) != n_keep or not all(0 <= i < n_layers for i in kept):
+      raise ValueError(f"kept blocks {list(keep)} must be {n_keep} distinct indices < {n_layers}")
+    return kept
+  if remove == "middle":
     head = (n_keep + 1) // 2
     return list(range(head)) + list(range(n_layers - (n_keep - head), n_layers))
-  if mode == "last":
+  if remove == "last":
     return list(range(n_keep))
-  if mode == "first":
+  if remove == "first":
     return list(range(n_layers - n_keep, n_layers))
-  raise ValueError(f"unknown block mode {mode!r}; use 'middle', 'last', 'first' or indices")
+  raise ValueError(f"unknown remove={remove!r}; use 'middle', 'last', 'first', or keep=indices")
+
+
+def _kept(n_layers: int, n_keep: int, blocks: str | Sequence[int]) -> list[int]:
+  """``blocks`` as the surgery functions take it: which blocks to remove by name,
+  or the indices to keep."""
+  if isinstance(blocks, str):
+    return kept_blocks(n_layers, n_keep, remove=blocks)
+  return kept_blocks(n_layers, n_keep, keep=blocks)
 
 
 def _select(scores: np.ndarray, k: int, order: str, rng: np.random.Generator) -> np.ndarray:
@@ -97,7 +107,7 @@ def subclone_lm(params: dict, cfg: lm.LMConfig, importance: Importance, spec: Ch
            "final_norm": {"scale": params["final_norm"]["scale"][d_idx]}}
   if not cfg.tie_embeddings:
     child["unembed"] = {"kernel": params["unembed"]["kernel"][d_idx] * s}
-  for new_i, old_i in enumerate(kept_blocks(cfg.n_layers, spec.n_layers, blocks)):
+  for new_i, old_i in enumerate(_kept(cfg.n_layers, spec.n_layers, blocks)):
     p = params[lm.block_key(old_i)]
     kv_idx = _select(importance.heads[old_i], ccfg.kv_heads, order, rng)
     q_idx = (kv_idx[:, None] * group + np.arange(group)[None]).reshape(-1)
@@ -138,7 +148,7 @@ def subclone_vit(params: dict, cfg: vit.ViTConfig, importance: Importance, spec:
            "cls": params["cls"][d_idx], "pos_embed": params["pos_embed"][:, d_idx],
            "final_norm": ln(params["final_norm"]),
            "head": {"kernel": params["head"]["kernel"][d_idx] * s, "bias": params["head"]["bias"]}}
-  for new_i, old_i in enumerate(kept_blocks(cfg.n_layers, spec.n_layers, blocks)):
+  for new_i, old_i in enumerate(_kept(cfg.n_layers, spec.n_layers, blocks)):
     p = params[f"block_{old_i}"]
     h_idx = _select(importance.heads[old_i], spec.n_heads, order, rng)
     f_idx = _select(importance.mlp[old_i], spec.d_ff, order, rng)

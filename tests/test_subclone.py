@@ -2,6 +2,7 @@
 scaling, errors, checkpoints; the speed-up study's plumbing."""
 
 import json
+import os
 
 import chex
 import jax
@@ -89,9 +90,9 @@ def test_scaling_applies_to_residual_reading_weights_not_norms_or_biases():
 
 def test_middle_blocks_are_removed_by_default():
   assert surgery.kept_blocks(8, 6) == [0, 1, 2, 5, 6, 7]
-  assert surgery.kept_blocks(8, 5, "last") == [0, 1, 2, 3, 4]
-  assert surgery.kept_blocks(8, 2, "first") == [6, 7]
-  assert surgery.kept_blocks(8, 2, [7, 0]) == [0, 7]
+  assert surgery.kept_blocks(8, 5, remove="last") == [0, 1, 2, 3, 4]
+  assert surgery.kept_blocks(8, 2, remove="first") == [6, 7]
+  assert surgery.kept_blocks(8, 2, keep=[7, 0]) == [0, 7]
   params, _, imp = _parent(CFG)
   child, _ = surgery.subclone_lm(params, CFG, imp, surgery.ChildSpec(32, 4, 48, 2), order="first")
   chex.assert_trees_all_equal(child["block_1"], params["block_3"])
@@ -115,7 +116,7 @@ def test_gqa_heads_must_keep_whole_groups_and_bad_options_fail():
   with pytest.raises(ValueError, match="unknown order"):
     surgery.subclone_lm(params, GQA, imp, surgery.ChildSpec(16, 2, 24, 2), order="best")
   with pytest.raises(ValueError, match="distinct"):
-    surgery.kept_blocks(4, 2, [1, 1])
+    surgery.kept_blocks(4, 2, keep=[1, 1])
 
 
 def test_child_restores_from_orbax(tmp_path):
@@ -198,14 +199,26 @@ def test_speedup_is_the_ratio_of_crossing_steps():
   assert (r["steps_reference"], r["steps"], r["speedup"]) == (80.0, 20.0, 4.0)
 
 
-def test_run_cache_resumes_and_ignores_other_studies(tmp_path):
-  from core.cache import RunCache
+def test_run_cache_resumes_and_keeps_other_studies_files(tmp_path):
+  from core.cache import RunCache, params_fingerprint
   path, calls = str(tmp_path / "runs.json"), []
-  make = lambda: calls.append(1) or {"final_loss": 1.0}
-  RunCache(path, {"a": 1}).get("k", make)
-  assert RunCache(path, {"a": 1}).get("k", make) == {"final_loss": 1.0} and len(calls) == 1
-  RunCache(path, {"a": 2}).get("k", make)   # a different study does not reuse the run
-  assert len(calls) == 2
+  make = lambda: calls.append(1) or {"final_loss": float(len(calls))}
+  parent = {"w": np.arange(6.0).reshape(2, 3)}
+  meta = lambda p, code="v1": {"cfg": 1, "parent_weights": params_fingerprint(p), "code": code}
+  RunCache(path, meta(parent)).get("k", make)
+  assert RunCache(path, meta(parent)).get("k", make) == {"final_loss": 1.0} and len(calls) == 1
+  # A retrained parent with the same config: other weights, so the run is not reused...
+  retrained = {"w": parent["w"] + 1e-3}
+  assert params_fingerprint(retrained) != params_fingerprint(parent)
+  cache = RunCache(path, meta(retrained))
+  assert cache.get("k", make) == {"final_loss": 2.0} and len(calls) == 2
+  # ...and the old file is kept aside, not overwritten.
+  with open(cache.moved_aside) as f:
+    assert json.load(f)["runs"] == {"k": {"final_loss": 1.0}}
+  # A new version of the producing code invalidates too.
+  RunCache(path, meta(retrained, code="v2")).get("k", make)
+  assert len(calls) == 3
+  assert len([p for p in os.listdir(tmp_path) if ".stale-" in p]) == 2
 
 
 def test_lm_study_plumbing_on_a_tiny_parent(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 from core import checkpoint, data
 from core.models import mlp
 from core.recipes import train_classifier
-from core.train import TrainConfig, make_optimizer, train
+from core.train import ConfigMismatchError, TrainConfig, make_optimizer, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,3 +147,61 @@ def test_recipe_resumed_after_its_last_step_keeps_measured_throughput(tmp_path):
   assert np.isfinite(first.metrics["examples_per_sec"])
   assert again.metrics["examples_per_sec"] == first.metrics["examples_per_sec"]
   assert again.metrics["accuracy"] == first.metrics["accuracy"]
+
+
+def test_resume_refuses_a_changed_config_and_restart_starts_over(tmp_path):
+  ds, cfg, loss_fn, _ = _digits_problem()
+  batch_fn = lambda s: data.image_batch(ds, 16, 0, s)
+  p0 = mlp.init(jax.random.key(0), cfg)
+  tcfg = TrainConfig(steps=20, batch_size=16, lr=1e-2, warmup_steps=2, ckpt_every=10)
+  wd = str(tmp_path / "run")
+  train(loss_fn, p0, batch_fn, tcfg, workdir=wd, progress=False)
+  # Fewer steps would otherwise hand back the step-20 params; another lr would just continue.
+  for changed, field in ((TrainConfig(steps=10, batch_size=16, lr=1e-2, warmup_steps=2), "steps"),
+                         (TrainConfig(steps=20, batch_size=16, lr=3e-3, warmup_steps=2), "lr")):
+    with pytest.raises(ConfigMismatchError, match=f"train.{field}: saved"):
+      train(loss_fn, p0, batch_fn, changed, workdir=wd, progress=False)
+  with pytest.raises(ConfigMismatchError, match="run: saved None, now {.model.: .other.}"):
+    train(loss_fn, p0, batch_fn, tcfg, workdir=wd, progress=False, run_meta={"model": "other"})
+  # Logging cadence is bookkeeping, not identity: resuming with it changed is fine.
+  same = train(loss_fn, p0, batch_fn, TrainConfig(**{**tcfg.__dict__, "log_every": 7}),
+               workdir=wd, progress=False)
+  assert same.resumed_from == 20
+  short = TrainConfig(steps=10, batch_size=16, lr=1e-2, warmup_steps=2, ckpt_every=10)
+  fresh = train(loss_fn, p0, batch_fn, short, workdir=wd, progress=False, restart=True)
+  ref = train(loss_fn, p0, batch_fn, short, progress=False)
+  assert fresh.resumed_from is None
+  chex.assert_trees_all_equal(fresh.params, ref.params)
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+  ds, cfg, loss_fn, _ = _digits_problem()
+  batch_fn = lambda s: data.image_batch(ds, 16, 0, s)
+  p0 = mlp.init(jax.random.key(0), cfg)
+  tcfg = TrainConfig(steps=30, batch_size=16, lr=1e-2, warmup_steps=2, ckpt_every=10)
+  ref = train(loss_fn, p0, batch_fn, tcfg, progress=False)
+  wd = str(tmp_path / "run")
+  train(loss_fn, p0, batch_fn, tcfg, workdir=wd, progress=False, stop_after=20)
+  latest = os.path.join(wd, "checkpoints", "20")
+  assert os.path.isdir(latest)
+  for root, _, files in os.walk(latest):  # truncate every file of the newest step
+    for name in files:
+      with open(os.path.join(root, name), "w") as f:
+        f.write("{not json")
+  with caplog.at_level("WARNING"):
+    res = train(loss_fn, p0, batch_fn, tcfg, workdir=wd, progress=False)
+  assert res.resumed_from == 10
+  assert "step 20" in caplog.text and "cannot be read" in caplog.text
+  assert os.path.isdir(latest + ".unreadable")  # set aside, not deleted
+  chex.assert_trees_all_equal(res.params, ref.params)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"log_every": 0}, "log_every"),
+                                           ({"ckpt_every": 0}, "ckpt_every"),
+                                           ({"lr": float("nan")}, "lr"),
+                                           ({"lr": float("inf")}, "lr"),
+                                           ({"eval_every": -1}, "eval_every"),
+                                           ({"grad_clip": float("nan")}, "grad_clip")])
+def test_train_config_rejects_values_that_would_fail_later(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    TrainConfig(**kwargs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -27,6 +27,23 @@ def classifier_config(name: str, input_shape: tuple[int, ...], num_classes: int,
   if name == "vit" and "patch" not in overrides:
     kwargs["patch"] = 7 if input_shape[0] % 7 == 0 else 2
   return _CONFIGS[name](**(kwargs | overrides))
+
+
+def check_params(init: Callable[[jax.Array, Any], Any], params: Any, cfg: Any,
+                 where: str) -> None:
+  """A clear error unless ``params`` has exactly the leaves and shapes that
+  ``init(key, cfg)`` makes (e.g. params of a deeper or wider model than ``cfg``)."""
+  expected = jax.eval_shape(init, jax.random.key(0), cfg)
+  paths = lambda t: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(t)}
+  have, want = paths(params), paths(expected)
+  if have.keys() != want.keys():
+    raise ValueError(f"{where}: params do not match {cfg}: missing "
+                     f"{sorted(want.keys() - have.keys())[:5]}, unexpected "
+                     f"{sorted(have.keys() - want.keys())[:5]}")
+  for k, w in want.items():
+    if tuple(have[k].shape) != tuple(w.shape):
+      raise ValueError(f"{where}: param {k} has shape {tuple(have[k].shape)}; {cfg} needs "
+                       f"{tuple(w.shape)}")
 
 
 def num_params(params: Any) -> int:

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from core import guards
 from core.models import layers
 
 Params = dict[str, Any]
@@ -200,16 +201,43 @@ def forward(params: Params, tokens_BxL: jax.Array, cfg: LMConfig, *,
   With ``cache`` (from ``init_cache``) this is prefill (pos=0, L=prompt) or
   decode (L=1); the updated cache is returned.
   """
-  if tokens_BxL.ndim != 2:
-    raise ValueError(f"tokens must be (batch, length), got shape {tokens_BxL.shape}")
-  limit = cache[block_key(0)]["k"].shape[1] if cache is not None else cfg.max_seq_len
-  if isinstance(pos, int) and pos + tokens_BxL.shape[1] > limit:
-    raise ValueError(f"positions up to {pos + tokens_BxL.shape[1]} exceed the "
-                     f"{'cache length' if cache is not None else 'max_seq_len'} {limit}")
+  check_inputs(tokens_BxL, cfg, cache, pos, where="lm.forward")
   pos = jnp.asarray(pos, jnp.int32)
   x, new_cache = run_blocks(params, embed(params, tokens_BxL), pos, cfg, cache,
                             lambda i, p, x, pos, kv: block(p, x, pos, cfg, kv))
   return unembed(params, x, cfg), new_cache
+
+
+def cache_length(cache: Cache) -> int:
+  """Positions a KV cache holds (its k/v axis 1)."""
+  return cache[block_key(0)]["k"].shape[1]
+
+
+def check_inputs(tokens_BxL: Any, cfg: LMConfig, cache: Cache | None, pos: Any,
+                 where: str) -> None:
+  """Clear errors for what the forward cannot compute: tokens not (B, L)
+  integers in [0, vocab), positions past ``max_seq_len`` or past the cache (a
+  KV write there would be clamped onto the last slot), a cache for another
+  batch size. Traced positions and tokens are checked when the call runs."""
+  shape = getattr(tokens_BxL, "shape", None)
+  if shape is None or len(shape) != 2:
+    raise ValueError(f"{where}: tokens must be a (batch, length) integer array, got shape "
+                     f"{shape}; add a batch axis with tokens[None]")
+  guards.check_token_ids(tokens_BxL, cfg.vocab_size, where)
+  b, l = shape
+  if cache is None:
+    limit, what = cfg.max_seq_len, "max_seq_len"
+  else:
+    limit, what = min(cache_length(cache), cfg.max_seq_len), "cache length"
+    cache_b = cache[block_key(0)]["k"].shape[0]
+    if cache_b != b:
+      raise ValueError(f"{where}: tokens have batch {b} but the KV cache was made for batch "
+                       f"{cache_b}")
+  guards.require(lambda p: 0 <= p and p + l <= limit,
+                 lambda p: f"{where}: positions {int(p)}..{int(p) + l - 1} do not fit the "
+                           f"{what} {limit}" + ("" if cache is None else
+                                                " (make a longer cache with init_cache)"),
+                 pos)
 
 
 BlockFn = Callable[[int, Params, jax.Array, jax.Array, Cache | None],
@@ -252,7 +280,17 @@ StepFn = Callable[[jax.Array, Cache, jax.Array], tuple[jax.Array, Cache]]
 def greedy_generate(step_fn: StepFn, prompt_BxP: jax.Array, cache: Cache,
                     n_new: int) -> jax.Array:
   """Greedy decoding with any (tokens, cache, pos) -> (logits, cache) function,
-  so sharded and unsharded models share one loop. Returns (B, n_new) tokens."""
+  so sharded and unsharded models share one loop. Returns (B, n_new) tokens.
+  The positions are known here, so a cache too short for prompt + n_new - 1
+  tokens is refused before any step runs."""
+  if n_new < 1:
+    raise ValueError(f"n_new must be >= 1, got {n_new}")
+  if getattr(prompt_BxP, "ndim", None) != 2:
+    raise ValueError(f"prompt must be (batch, length), got shape {getattr(prompt_BxP, 'shape', None)}")
+  need = prompt_BxP.shape[1] + n_new - 1  # the last generated token is never fed back
+  if need > cache_length(cache):
+    raise ValueError(f"generating {n_new} tokens after a {prompt_BxP.shape[1]}-token prompt "
+                     f"writes {need} cache positions; the cache holds {cache_length(cache)}")
   logits, cache = step_fn(prompt_BxP, cache, jnp.asarray(0, jnp.int32))
   tok_Bx1 = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)
   out = [tok_Bx1]
