@@ -110,13 +110,27 @@ def study_tp(params, cfg: StudyConfig, n: int, windows, cloze_set, calib,
           "scan": scan}
 
 
+def largest_passing_prefix(passes: list[bool]) -> int:
+  """The largest k such that ``passes[0..k]`` all hold (-1 if ``passes[0]`` fails):
+  a budget holds at a setting only if every smaller setting passes too."""
+  k = -1
+  while k + 1 < len(passes) and passes[k + 1]:
+    k += 1
+  return k
+
+
 def within_budget(scan: list[dict], budget: float) -> dict:
-  """Largest fraction of syncs dropped whose cloze accuracy stays within
-  ``budget`` relative regression, and likewise for perplexity."""
+  """Largest fraction of syncs dropped such that it and every smaller fraction
+  keep cloze accuracy within ``budget`` relative regression; likewise for
+  perplexity."""
+  if budget < 0:
+    raise ValueError(f"budget must be >= 0, got {budget}")
   L = len(scan) - 1
   acc0, ppl0 = scan[0]["cloze"], scan[0]["ppl"]
-  return {"cloze": max(k for k in range(L + 1) if scan[k]["cloze"] >= (1 - budget) * acc0) / L,
-          "ppl": max(k for k in range(L + 1) if scan[k]["ppl"] <= (1 + budget) * ppl0) / L}
+  ok_cloze = [e["cloze"] >= (1 - budget) * acc0 for e in scan]
+  ok_ppl = [e["ppl"] <= (1 + budget) * ppl0 for e in scan]
+  return {"cloze": largest_passing_prefix(ok_cloze) / L,
+          "ppl": largest_passing_prefix(ok_ppl) / L}
 
 
 def residual_ablation(params, cfg: StudyConfig, n: int, windows, cloze_set, order) -> dict:

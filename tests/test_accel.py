@@ -94,10 +94,44 @@ def test_lookup_datapath_equals_numpy_centroid_network_mlp():
              for p in cb.values())
 
 
+def _numpy_cnn(cb, x, n_conv):
+  """Centroid-substituted CNN in NumPy loops (float64), written from the
+  definitions: snap to the nearest input centroid, 3x3 SAME convolution with the
+  centroid kernel, optional snap of pre-activations to the activation levels,
+  ReLU, 2x2 max-pool; then the dense layers as in ``_numpy_mlp``."""
+  snap = lambda v, c: c[np.abs(v[..., None] - c).argmin(-1)]
+  h = np.asarray(x, np.float64)
+  for i in range(n_conv):
+    p = {k: np.asarray(v, np.float64) for k, v in cb[f"conv_{i}"].items() if k != "w_idx"}
+    k = p["w_c"][np.asarray(cb[f"conv_{i}"]["w_idx"])]           # (3, 3, cin, cout)
+    hp = np.pad(snap(h, p["in_c"]), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    b, hh, ww, _ = h.shape
+    out = np.zeros((b, hh, ww, k.shape[-1]))
+    for y in range(hh):
+      for xx in range(ww):
+        out[:, y, xx] = np.einsum("bijc,ijco->bo", hp[:, y:y + 3, xx:xx + 3], k)
+    out += p["bias"]
+    if "act" in p:
+      out = snap(out, p["act"])
+    out = np.maximum(out, 0)
+    h = out.reshape(b, hh // 2, 2, ww // 2, 2, -1).max(axis=(2, 4))
+  dense = {n: v for n, v in cb.items() if n.startswith("dense")}
+  h = h.reshape(len(h), -1)
+  for j, n in enumerate(sorted(dense)):
+    p = {k: np.asarray(v, np.float64) for k, v in dense[n].items() if k != "w_idx"}
+    h = snap(h, p["in_c"]) @ p["w_c"][np.asarray(dense[n]["w_idx"])] + p["bias"]
+    if j < len(dense) - 1:
+      if "act" in p:
+        h = snap(h, p["act"])
+      h = np.maximum(h, 0)
+  return h
+
+
 @pytest.mark.parametrize("act_levels", [None, 6])
-def test_lookup_datapath_equals_centroid_substituted_cnn(act_levels):
+def test_lookup_datapath_equals_numpy_centroid_network_cnn(act_levels):
   params, ops, x, cb = _built("cnn", CNN, act_levels=act_levels)
-  emu = rapidnn.emulate(cb, jnp.asarray(x), ops)
+  emu = np.asarray(rapidnn.emulate(cb, jnp.asarray(x), ops))
+  np.testing.assert_allclose(emu, _numpy_cnn(cb, x, len(CNN.channels)), rtol=1e-4, atol=1e-4)
   ref = rapidnn.float_forward(cb, ops, jnp.asarray(x))
   np.testing.assert_allclose(emu, ref, rtol=1e-5, atol=1e-5)
 
@@ -154,16 +188,40 @@ def test_cost_model_counts_match_a_hand_count():
   assert (c.macs, c.lookups, c.adds) == (318, 318, 318)
   # searches: 16 input pixels + 32 conv activations + 3 hidden; pool: 2*2*2 outputs x 3.
   assert (c.searches, c.pool_cmps) == (51, 24)
-  # ISAAC array+ADC+DAC: 2.8 mW over 16 x 100 ns for 2048 MACs.
-  assert cost_model.isaac_pj_per_mac() == pytest.approx(2.8e-3 * 1.6e-6 / 2048 * 1e12)
+  # ISAAC's array+ADC+DAC energy for this network, by hand: 2.8 mW for 16 cycles of
+  # 100 ns per 2048 MACs is 2.1875 pJ per MAC, times the 318 MACs counted above.
+  assert cost_model.compare(c, 4)["isaac_pj"] == pytest.approx(318 * 2.1875)
 
 
-@pytest.mark.parametrize("kw, match", [({"u": 0}, "u and w"), ({"w": 0}, "u and w"),
-                                       ({"act_levels": 1}, "act_levels"),
-                                       ({"acc_frac_bits": 40}, "acc_frac_bits")])
-def test_bad_rapid_configs_raise(kw, match):
-  with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("kw, err, match", [({"u": 0}, ValueError, "u and w"),
+                                            ({"w": 0}, ValueError, "u and w"),
+                                            ({"u": 2.5}, TypeError, "u must be an integer"),
+                                            ({"act_levels": 1}, ValueError, "act_levels"),
+                                            ({"calib_points": 0}, ValueError, "calib_points")])
+def test_bad_rapid_configs_raise(kw, err, match):
+  with pytest.raises(err, match=match):
     rapidnn.RapidConfig(**kw)
+
+
+def test_emulate_and_build_name_what_is_wrong():
+  params, ops, x, cb = _built("mlp", MLP)
+  with pytest.raises(ValueError, match=r"images \(B, H, W, C\).*x\[\.\.\., None\]"):
+    rapidnn.emulate(cb, jnp.asarray(x[..., 0]), ops)   # the MLP input without its channel axis
+  with pytest.raises(ValueError, match="expects 36 inputs"):
+    rapidnn.emulate(cb, jnp.zeros((2, 5, 5, 1)), ops)
+  deeper = program("mlp", mlp.MLPConfig(input_shape=(6, 6, 1), hidden=(12, 8, 4), num_classes=3))
+  with pytest.raises(ValueError, match=r"lack the layers \['dense_3'\]"):
+    rapidnn.build(params, deeper, x, rapidnn.RapidConfig(u=4, w=4))
+  with pytest.raises(ValueError, match="calibration inputs"):
+    rapidnn.build(params, ops, None, rapidnn.RapidConfig(u=4, w=4))
+
+
+@pytest.mark.parametrize("bad, match", [(np.nan, "non-finite"), (np.inf, "non-finite")])
+def test_kmeans_refuses_non_finite_data(bad, match):
+  x = np.arange(10.0)
+  x[3] = bad
+  with pytest.raises(ValueError, match=match):
+    kmeans(x, 2)
 
 
 def test_more_weight_clusters_than_weights_and_unsupported_models_raise():

@@ -9,7 +9,14 @@ import pytest
 from core.models import CLASSIFIERS, classifier_config, cnn, lm, mlp, vit
 from tests import np_reference
 
-jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+  """Float32 matmuls at full precision for comparisons with float64 NumPy, set
+  per test (not at import, where it would leak into every other test module)."""
+  with jax.default_matmul_precision("highest"):
+    yield
 
 # Jitted entry points: eager op-by-op dispatch would dominate the test time.
 lm_apply = jax.jit(lm.apply, static_argnums=2)
@@ -98,8 +105,36 @@ def test_lm_config_errors(kwargs, match):
 def test_forward_rejects_positions_past_the_cache():
   cfg = lm.LMConfig(**SMALL)
   params = lm.init(jax.random.key(0), cfg)
-  with pytest.raises(ValueError, match="exceed"):
+  with pytest.raises(ValueError, match=r"positions 6\.\.9 do not fit the cache length 8"):
     lm.forward(params, jnp.zeros((1, 4), jnp.int32), cfg, cache=lm.init_cache(cfg, 1, 8), pos=6)
+  # A traced position (what jitted decode steps get) fails when the step runs,
+  # instead of dynamic_update_slice clamping the write onto the last slot.
+  step = jax.jit(lambda tok, cache, pos: lm.forward(params, tok, cfg, cache=cache, pos=pos))
+  cache = lm.init_cache(cfg, 1, 12)
+  step(jnp.zeros((1, 1), jnp.int32), cache, jnp.asarray(11))  # the last slot is fine
+  with pytest.raises(Exception, match=r"positions 12\.\.12 do not fit the cache length 12"):
+    jax.block_until_ready(step(jnp.zeros((1, 1), jnp.int32), cache, jnp.asarray(12)))
+  # Generation knows its positions: 10 + 8 tokens into 12 slots is refused up front.
+  with pytest.raises(ValueError, match="writes 17 cache positions; the cache holds 12"):
+    lm.greedy_generate(step, jnp.zeros((1, 10), jnp.int32), cache, 8)
+  with pytest.raises(ValueError, match="batch 2 but the KV cache was made for batch 1"):
+    lm.forward(params, jnp.zeros((2, 1), jnp.int32), cfg, cache=cache, pos=0)
+
+
+@pytest.mark.parametrize("tokens, err, match", [
+    ([[1, 300]], ValueError, r"\[0, 256\); got values from 1 to 300"),
+    ([[-1, 2]], ValueError, r"got values from -1 to 2"),
+    ([1, 2, 3], ValueError, r"\(batch, length\).*tokens\[None\]"),
+    ([[0.5, 1.0]], TypeError, "integers"),
+])
+def test_lm_rejects_bad_token_ids_eagerly_and_under_jit(tokens, err, match):
+  cfg = lm.LMConfig(**SMALL)
+  params = lm.init(jax.random.key(0), cfg)
+  with pytest.raises(err, match=match):
+    lm.apply(params, jnp.asarray(tokens), cfg)
+  if err is ValueError and np.ndim(tokens) == 2:  # traced: fails when it runs, never NaN
+    with pytest.raises(Exception, match=match):
+      jax.block_until_ready(lm_apply(params, jnp.asarray(tokens), cfg))
 
 
 def test_mlp_matches_numpy():

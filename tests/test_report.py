@@ -5,10 +5,13 @@ import os
 
 import pytest
 
-from core import baselines, report
+from core import baselines, data, report
 from core.models import lm
 
+_HAS_FASHION = os.path.exists(os.path.join(data.fashion_mnist_dir(), "t10k-labels-idx1-ubyte.gz"))
 
+
+@pytest.mark.skipif(not _HAS_FASHION, reason="dataset-fashion-mnist not installed (make data)")
 def test_tiny_baselines_report(tmp_path):
   plan = baselines.BaselinePlan(
       classifier_runs=(("digits", "mlp", 20), ("fashion_mnist", "cnn", 5)),
@@ -20,7 +23,7 @@ def test_tiny_baselines_report(tmp_path):
                                quick=True, outdir=out)
   assert failed == []
   text = open(os.path.join(out, "REPORT.md")).read()
-  assert "| digits | mlp |" in text and "val ppl" in text
+  assert "| digits | mlp |" in text and "| fashion_mnist | cnn |" in text and "val ppl" in text
   for fig in ("baselines_classifier_loss.png", "baselines_lm_loss.png"):
     path = os.path.join(out, "figures", fig)
     assert os.path.getsize(path) > 1000 and f"figures/{fig}" in text

@@ -46,5 +46,5 @@ def test_loopback_benchmark_runs_and_counts_all_reduces():
   res = latency_bench.run(bench, 2, timeout=180)
   rows = res["rows"]
   assert {k: r["all_reduces"] for k, r in rows.items()} == {"0%": 4, "100%": 2, "no-sync": 0}  # 2L - dropped
-  assert rows["0%"]["decode_ratio"] == 1.0 and all(r["decode_s"] > 0 for r in rows.values())
+  assert all(0 < r["decode_s"] < 10 and 0 < r["prefill_s"] < 10 for r in rows.values())
   assert sorted(res["allreduce_seconds"]) == [64, 256]

@@ -44,6 +44,15 @@ def test_training_learns_digits():
   assert losses[-1] < 0.5 * losses[0]
 
 
+def test_training_learns_digits_on_the_default_prng():
+  # conftest switches to the non-partitionable threefry for compile speed; users
+  # run JAX's default, so one end-to-end check runs under it.
+  with jax.threefry_partitionable(True):
+    tcfg = TrainConfig(steps=300, batch_size=32, lr=3e-3, warmup_steps=10, log_every=10, seed=1)
+    res = train_classifier("digits", "mlp", tcfg, progress=False, hidden=(32,))
+  assert res.metrics["accuracy"] > 0.9
+
+
 def test_resume_after_interruption_matches_uninterrupted(tmp_path):
   ds, cfg, loss_fn, _ = _digits_problem()
   tcfg = TrainConfig(steps=30, batch_size=16, lr=1e-2, warmup_steps=5, ckpt_every=10,

@@ -6,6 +6,7 @@ Flax-compatible nested dict; configs are frozen dataclasses.
 
 from __future__ import annotations
 
+import functools
 import math
 from types import ModuleType
 from typing import Any, Callable
@@ -29,11 +30,16 @@ def classifier_config(name: str, input_shape: tuple[int, ...], num_classes: int,
   return _CONFIGS[name](**(kwargs | overrides))
 
 
+@functools.lru_cache(maxsize=64)  # configs are frozen dataclasses: hashable
+def _param_shapes(init: Callable[[jax.Array, Any], Any], cfg: Any) -> Any:
+  return jax.eval_shape(init, jax.random.key(0), cfg)
+
+
 def check_params(init: Callable[[jax.Array, Any], Any], params: Any, cfg: Any,
                  where: str) -> None:
   """A clear error unless ``params`` has exactly the leaves and shapes that
   ``init(key, cfg)`` makes (e.g. params of a deeper or wider model than ``cfg``)."""
-  expected = jax.eval_shape(init, jax.random.key(0), cfg)
+  expected = _param_shapes(init, cfg)
   paths = lambda t: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(t)}
   have, want = paths(params), paths(expected)
   if have.keys() != want.keys():
