@@ -1,24 +1,66 @@
-"""Every notebook's code cells run top to bottom in a fresh interpreter, so the
-notebooks cannot silently rot as the library changes."""
+"""Every notebook runs top to bottom in a real Jupyter kernel (nbclient), as a
+person opening it would run it, and the values it prints are checked: a
+notebook that runs but shows wrong numbers fails too."""
 
 import glob
-import json
 import os
-import subprocess
-import sys
+import re
 
+import nbformat
 import pytest
+from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 
 
+def _run(path: str) -> str:
+  """Executes the notebook in a fresh kernel (cwd = repo root); returns its stdout."""
+  nb = nbformat.read(path, as_version=4)
+  NotebookClient(nb, timeout=300, kernel_name="python3",
+                 resources={"metadata": {"path": ROOT}}).execute()
+  return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                 for o in c.get("outputs", []) if o.get("output_type") == "stream")
+
+
+def _floats(pattern: str, text: str) -> list[float]:
+  found = [float(x) for x in re.findall(pattern, text)]
+  assert found, f"the notebook printed nothing matching {pattern!r}:\n{text}"
+  return found
+
+
+def _check_spd_tour(out: str) -> None:
+  assert _floats(r"max \|TP - dense\| = ([\d.e+-]+)", out)[0] < 1e-4
+  counts = re.findall(r"dropped (\d+): (\d+) all-reduces", out)
+  assert [int(n) for _, n in counts] == [2 * 4 - int(k) for k, _ in counts]  # 2L - dropped
+  # The paper reports ~20% on 8 GPUs; the model's presets land around that.
+  assert all(5 < r < 45 for r in _floats(r"modelled latency reduction: ([\d.]+)%", out))
+
+
+def _check_rapidnn_tour(out: str) -> None:
+  float_acc = _floats(r"float accuracy ([\d.]+)%", out)[0]
+  assert float_acc > 90  # digits MLP; chance is 10%
+  assert _floats(r"max \|emulator - reference\| = ([\d.e+-]+)", out)[0] < 1e-3
+  assert _floats(r"after retraining: ([\d.]+)%", out)[0] > float_acc - 5
+
+
+def _check_subclone_tour(out: str) -> None:
+  m = re.search(r"step 0: subcloned ([\d.]+), random ([\d.]+)", out)
+  sub, rand = float(m.group(1)), float(m.group(2))
+  assert sub < rand - 1.0  # the subcloned child starts far below a random init
+  after = dict(re.findall(r"after 100 steps: (\w+) ([\d.]+)", out))
+  assert float(after["subcloned"]) < float(after["random"])
+
+
+CHECKS = {"spd_tour": _check_spd_tour, "rapidnn_tour": _check_rapidnn_tour,
+          "subclone_tour": _check_subclone_tour}
+
+
+def test_every_notebook_has_checks():
+  assert {os.path.basename(p)[:-len(".ipynb")] for p in NOTEBOOKS} == set(CHECKS)
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_runs(path):
-  with open(path) as f:
-    nb = json.load(f)
-  code = "\n\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-  env = dict(os.environ, JAX_THREEFRY_PARTITIONABLE="false")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def test_notebook_runs_in_a_kernel_and_prints_the_expected_values(path, monkeypatch):
+  monkeypatch.setenv("JAX_THREEFRY_PARTITIONABLE", "false")  # the kernel inherits it
+  CHECKS[os.path.basename(path)[:-len(".ipynb")]](_run(path))
