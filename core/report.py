@@ -45,13 +45,17 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], digits: int
   return "\n".join(lines)
 
 
-def line_plot(path: str, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
+def line_plot(path: str, series: dict[str, tuple[Sequence[float], ...]], *,
               xlabel: str, ylabel: str, title: str, logy: bool = False) -> str:
-  """Writes a PNG with one line per series; returns ``path``."""
+  """Writes a PNG with one line per series, each (x, y) or (x, y, yerr) where
+  yerr draws error bars (e.g. a standard error); returns ``path``."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-  for name, (x, y) in series.items():
-    ax.plot(x, y, label=name, marker="o" if len(x) < 30 else None, markersize=3)
+  for name, (x, y, *err) in series.items():
+    if err:
+      ax.errorbar(x, y, yerr=err[0], label=name, marker="o", markersize=3, capsize=2)
+    else:
+      ax.plot(x, y, label=name, marker="o" if len(x) < 30 else None, markersize=3)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title)

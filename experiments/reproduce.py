@@ -6,7 +6,7 @@
 Writes ``<outdir>/REPORT.md`` with tables and PNG plots under ``<outdir>/figures``.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from accel import section as rapidnn_section
 from core import baselines, report
@@ -29,6 +29,7 @@ SECTIONS: list[tuple[str, report.SectionFn]] = [
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   chosen = [(n, f) for n, f in SECTIONS if not _ONLY.value or n in _ONLY.value]
   unknown = set(_ONLY.value) - {n for n, _ in SECTIONS}
   if unknown:

@@ -7,7 +7,7 @@ plus the analytical model's projections.
 
 import dataclasses
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from spd_jax import latency_bench, latency_report
 
@@ -19,6 +19,7 @@ _OUTDIR = flags.DEFINE_string("outdir", "results/spd_latency", "Output folder.")
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   bench = latency_bench.FULL if _FULL.value else latency_bench.QUICK
   if _REPEATS.value:
     bench = dataclasses.replace(bench, repeats=_REPEATS.value)

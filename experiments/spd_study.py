@@ -2,18 +2,22 @@
 zero-shot / B2B / head-grouping strategies, perplexity and cloze accuracy
 against the fraction of attention syncs dropped, for several TP sizes.
 
-  python -m experiments.spd_study --model_dir=runs/spd_study_lm --outdir=results/spd_study
+  python -m experiments.spd_study            # quick mode (the main job's section), minutes
+  python -m experiments.spd_study --full     # the 8-block study model, ~30 min on 2 cores
 """
 
 import dataclasses
 
-from absl import app, flags
+from absl import app, flags, logging
 
+from core import report
 from spd_jax import study
 
-_FULL = flags.DEFINE_bool("full", True, "Full study model (else the quick one).")
-_MODEL_DIR = flags.DEFINE_string("model_dir", "runs/spd_study_lm",
-                                 "Checkpoint folder of the LM (trained or resumed here).")
+_FULL = flags.DEFINE_bool("full", False, "The full study model (default: the quick one).")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None,
+                                 "Checkpoint folder of the LM, trained or resumed here "
+                                 "(default: runs/spd_study_lm in full mode, "
+                                 "<outdir>/models/spd_quick_lm in quick mode).")
 _OUTDIR = flags.DEFINE_string("outdir", "results/spd_study", "Report, JSON and figures.")
 _TP = flags.DEFINE_list("tp_sizes", None, "TP sizes to study (default 2,4,8).")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", None, "Override LM training steps.")
@@ -24,6 +28,7 @@ _B2B_STEPS = flags.DEFINE_integer("b2b_steps", None, "B2B distillation steps per
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   cfg = study.FULL if _FULL.value else study.QUICK
   over = {}
   if _TP.value:
@@ -37,10 +42,10 @@ def main(argv):
   if _B2B_STEPS.value:
     over["b2b"] = dataclasses.replace(cfg.b2b, steps=_B2B_STEPS.value)
   cfg = dataclasses.replace(cfg, **over)
-  sec = study.run_study(cfg, _OUTDIR.value, model_dir=_MODEL_DIR.value)
-  with open(f"{_OUTDIR.value}/REPORT.md", "w") as f:
-    f.write(f"## {sec.title}\n\n{sec.body}\n")
-  print(sec.body)
+  model_dir = _MODEL_DIR.value or study.default_model_dir(not _FULL.value, _OUTDIR.value)
+  run = lambda quick, outdir: study.run_study(cfg, outdir, model_dir=model_dir)
+  report.write_report_or_exit(f"{_OUTDIR.value}/REPORT.md", [("spd_accuracy", run)],
+                              quick=not _FULL.value, outdir=_OUTDIR.value, echo=True)
 
 
 if __name__ == "__main__":

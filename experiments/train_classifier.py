@@ -7,7 +7,7 @@ Re-running the same command after an interruption resumes from the last
 checkpoint in --workdir.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from core import data, models
 from core.recipes import train_classifier
@@ -29,6 +29,7 @@ _FASHION_DIR = flags.DEFINE_string("fashion_mnist_dir", None,
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   kwargs = {"data_dir": _FASHION_DIR.value} if _DATASET.value == "fashion_mnist" else {}
   cfg = TrainConfig(steps=_STEPS.value, batch_size=_BATCH.value, lr=_LR.value,
                     weight_decay=_WD.value, warmup_steps=max(1, _STEPS.value // 10),

@@ -6,7 +6,7 @@
 Re-running the same command after an interruption resumes from --workdir.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from core.models import lm
 from core.recipes import train_lm
@@ -29,6 +29,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, sum
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   model_cfg = lm.LMConfig(d_model=_D.value, n_layers=_L.value, n_heads=_H.value,
                           n_kv_heads=_KV.value, d_ff=_F.value, max_seq_len=_CTX.value)
   cfg = TrainConfig(steps=_STEPS.value, batch_size=_BATCH.value, lr=_LR.value,

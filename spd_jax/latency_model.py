@@ -2,10 +2,17 @@
 
 Per block and device: time = max(compute, memory) (a roofline), where compute
 is the block's matmul FLOPs / N over the device's peak, and memory is its
-weight shard plus KV-cache shard read once, over memory bandwidth. Each
-all-reduce of M bytes over N devices in a ring costs
+weight shard plus KV-cache shard read once, over memory bandwidth. An
+all-reduce of M bytes over N devices costs, by algorithm (Thakur, Rabenseifner
+& Gropp, "Optimization of collective communication operations in MPICH",
+IJHPCA 2005; reduction arithmetic ignored):
 
-    t_AR = 2 (N - 1) alpha + 2 (N - 1) / N * M / beta.
+    ring (bandwidth-optimal; the default):   2 (N - 1) alpha + 2 (N - 1) / N * M / beta
+    recursive doubling (latency-optimal):    ceil(log2 N) * (alpha + M / beta)
+
+Collective libraries pick the low-latency kind for small messages such as a
+decode step's (a few KB), so a decode-time figure is given as the range between
+the two. The ring is an assumption of the default, not a fact about any library.
 
 End-to-end latency = L * (t_block + syncs_per_block * t_AR) + LM head. SPD
 removes one all-reduce from each dropped block. This is a model, not a
@@ -79,9 +86,18 @@ LLAMA2 = {
 }
 
 
-def allreduce_time(n_bytes: float, n_devices: int, alpha: float, beta: float) -> float:
+ALGORITHMS = ("ring", "recursive_doubling")
+
+
+def allreduce_time(n_bytes: float, n_devices: int, alpha: float, beta: float,
+                   algorithm: str = "ring") -> float:
+  """Modelled seconds of one all-reduce (see the module docstring)."""
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; choose one of {ALGORITHMS}")
   if n_devices == 1:
     return 0.0
+  if algorithm == "recursive_doubling":
+    return float(np.ceil(np.log2(n_devices))) * (alpha + n_bytes / beta)
   return 2 * (n_devices - 1) * alpha + 2 * (n_devices - 1) / n_devices * n_bytes / beta
 
 
@@ -98,13 +114,14 @@ def block_time(m: ModelShape, hw: Hardware, n_devices: int, tokens: int, context
 
 
 def forward_latency(m: ModelShape, hw: Hardware, n_devices: int, *, n_dropped: int = 0,
-                    batch: int = 1, new_tokens: int = 1, context: int = 1024) -> dict:
+                    batch: int = 1, new_tokens: int = 1, context: int = 1024,
+                    algorithm: str = "ring") -> dict:
   """Modelled latency (seconds) of one forward pass over ``new_tokens`` per
   sequence (1 = a decode step), split into compute and communication."""
   tokens = batch * new_tokens
   t_block = block_time(m, hw, n_devices, tokens, context, batch)
   msg = tokens * m.d_model * m.bytes_per_param
-  t_ar = allreduce_time(msg, n_devices, hw.alpha, hw.link_bw)
+  t_ar = allreduce_time(msg, n_devices, hw.alpha, hw.link_bw, algorithm)
   n_ar = 2 * m.n_layers - n_dropped
   head = max(2 * tokens * m.d_model * m.vocab / (hw.peak_flops * hw.efficiency),
              m.d_model * m.vocab * m.bytes_per_param / (hw.mem_bw * hw.efficiency))

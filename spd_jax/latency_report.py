@@ -46,12 +46,15 @@ def _projection_table() -> str:
           continue  # 70B in bf16 does not fit on fewer than 8 80-GB devices with KV cache
         k = 73 if key == "70b" else int(round(0.913 * m.n_layers))
         base = latency_model.forward_latency(m, hw, n)
+        red = {a: latency_model.spd_reduction(m, hw, n, k, algorithm=a) * 100
+               for a in latency_model.ALGORITHMS}
         rows.append((hw_name, m.name, n, f"{k}/{m.n_layers}", base["total"] * 1e3,
-                     base["comm"] / base["total"] * 100,
-                     latency_model.spd_reduction(m, hw, n, k) * 100))
+                     base["comm"] / base["total"] * 100, red["ring"],
+                     red["recursive_doubling"]))
   return report.markdown_table(
-      ["hardware", "model", "TP", "syncs dropped", "decode ms/token (0%)", "comm %",
-       "modelled latency reduction %"], rows, digits=3)
+      ["hardware", "model", "TP", "syncs dropped", "decode ms/token (0%, ring)", "comm % (ring)",
+       "modelled reduction %, ring all-reduce", "modelled reduction %, recursive doubling"],
+      rows, digits=3)
 
 
 def latency_study(bench: latency_bench.BenchConfig, process_counts: Sequence[int],
@@ -93,10 +96,14 @@ def latency_study(bench: latency_bench.BenchConfig, process_counts: Sequence[int
       "from the last block backwards; 'no-sync' removes every psum (wrong output, lower bound).",
       *parts,
       f"![decode]({os.path.relpath(fig1, outdir)}) ![prefill]({os.path.relpath(fig2, outdir)})",
-      "**Analytical model (not a measurement)**: roofline per block plus ring all-reduce, "
-      "bf16, batch 1, context 1024, one decode step. The paper's setting is LLaMA2-70B, 8 "
-      "devices, 73 of 80 attention syncs dropped (reported: about 20% lower end-to-end "
-      "latency).",
+      "**Analytical model (not a measurement)**: roofline per block plus an all-reduce model, "
+      "bf16, batch 1, context 1024, one decode step. The all-reduce is modelled two ways, "
+      "since the algorithm a library picks is not known here: a ring (2(N-1) alpha + "
+      "2(N-1)/N M/beta, bandwidth-optimal) and recursive doubling (ceil(log2 N)(alpha + "
+      "M/beta), the low-latency kind libraries use for small messages; Thakur et al., IJHPCA "
+      "2005). The true figure for a decode step's few-KB message lies between the two columns. "
+      "The paper's setting is LLaMA2-70B, 8 devices, 73 of 80 attention syncs dropped "
+      "(reported: about 20% lower end-to-end latency).",
       _projection_table(),
       "Constants: " + "; ".join(f"{k}: {hw.source}" for k, hw in latency_model.PRESETS.items())
       + f". Compute/bandwidth efficiency {latency_model.PRESETS['a100-nvlink'].efficiency} (assumed)."])

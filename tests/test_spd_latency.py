@@ -38,6 +38,16 @@ def test_spd_saves_exactly_the_dropped_allreduces():
   assert lmod.spd_reduction(m, lmod.PRESETS["a100-pcie"], 8, 73) > lmod.spd_reduction(m, hw, 8, 73)
 
 
+def test_recursive_doubling_all_reduce_by_hand():
+  # 8 devices: 3 rounds of (alpha + M / beta); a ring takes 14 alpha steps + 1.75 M / beta.
+  assert lmod.allreduce_time(16e3, 8, 3e-6, 300e9, "recursive_doubling") == pytest.approx(
+      3 * (3e-6 + 16e3 / 300e9))
+  assert lmod.allreduce_time(16e3, 8, 3e-6, 300e9) == pytest.approx(14 * 3e-6 + 1.75 * 16e3 / 300e9)
+  assert lmod.allreduce_time(1e3, 5, 1.0, 1e3, "recursive_doubling") == pytest.approx(3 * 2.0)
+  with pytest.raises(ValueError, match="unknown all-reduce algorithm"):
+    lmod.allreduce_time(1e3, 8, 1e-6, 1e9, "tree")
+
+
 @pytest.mark.multiprocess
 def test_loopback_benchmark_runs_and_counts_all_reduces():
   bench = latency_bench.BenchConfig(

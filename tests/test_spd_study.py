@@ -19,6 +19,7 @@ def test_tiny_study_produces_tables_plot_and_json(tmp_path):
   sec = study.run_study(cfg, str(tmp_path), model_dir=str(tmp_path / "lm"), progress=False)
   assert "| TP=2 | ZS+B2B+HG |" in sec.body and "Residual ablation" in sec.body
   assert os.path.getsize(tmp_path / "figures" / "spd_accuracy.png") > 1000
+  assert os.path.getsize(tmp_path / "figures" / "spd_cloze.png") > 1000
   res = json.load(open(tmp_path / "spd_accuracy.json"))["results"]["2"]
   assert len(res["scan"]["ZS"]) == 3 and set(res["classes"]) <= {"ISB", "SB", "ESB"}
   # k = 0 drops nothing: the TP=2 emulation must give the dense model's perplexity,
