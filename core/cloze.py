@@ -95,8 +95,17 @@ def _scorer(logits_fn, k: int, w: int, c: int):
 
 
 def candidate_logprobs(logits_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
-                       cloze: ClozeSet, batch_items: int = 32) -> np.ndarray:
-  """(n, n_choices) summed log-probability of each candidate after its context."""
+                       cloze: ClozeSet, batch_items: int = 32,
+                       vocab_size: int = 256) -> np.ndarray:
+  """(n, n_choices) summed log-probability of each candidate after its context.
+  Every byte of the set must be a token id in [0, vocab_size)."""
+  for name in ("contexts", "candidates"):
+    a = np.asarray(getattr(cloze, name))
+    if a.size and (a.min() < 0 or a.max() >= vocab_size):
+      raise ValueError(f"cloze {name} hold token ids from {a.min()} to {a.max()}, outside "
+                       f"[0, {vocab_size})")
+  if batch_items < 1:
+    raise ValueError(f"batch_items must be >= 1, got {batch_items}")
   n, k, w = cloze.candidates.shape
   score = _scorer(logits_fn, k, w, cloze.contexts.shape[1])
   out = []
@@ -111,7 +120,7 @@ def candidate_logprobs(logits_fn: Callable[[Any, jax.Array], jax.Array], params:
 
 
 def accuracy(logits_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
-             cloze: ClozeSet, batch_items: int = 32) -> float:
+             cloze: ClozeSet, batch_items: int = 32, vocab_size: int = 256) -> float:
   """Fraction of items whose true word gets the highest log-probability."""
-  lp = candidate_logprobs(logits_fn, params, cloze, batch_items)
+  lp = candidate_logprobs(logits_fn, params, cloze, batch_items, vocab_size)
   return float(np.mean(np.argmax(lp, -1) == cloze.answers))

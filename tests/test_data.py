@@ -70,6 +70,23 @@ def test_fashion_mnist_reads_idx_from_env_dir(tmp_path, monkeypatch):
   np.testing.assert_array_equal(ds.y_test, labels["t10k"])
 
 
+def test_load_names_a_wrong_keyword_and_the_accepted_ones():
+  with pytest.raises(TypeError, match=r"unknown keyword\(s\) \['sed'\]; it accepts \['seed'\]"):
+    data.load("digits", sed=3)
+
+
+def test_holdout_carves_disjoint_validation_images():
+  ds = data.load("digits")
+  rest, x_val, y_val = data.holdout(ds, 100, seed=0)
+  assert len(rest.x_train) + len(x_val) == len(ds.x_train) and len(y_val) == 100
+  flat = lambda a: {r.tobytes() for r in a.reshape(len(a), -1)}
+  assert flat(rest.x_train) | flat(x_val) == flat(ds.x_train)  # nothing lost
+  assert not flat(rest.x_train) & flat(x_val) - flat(ds.x_test)  # disjoint (up to duplicates)
+  np.testing.assert_array_equal(rest.x_test, ds.x_test)  # the test split is untouched
+  with pytest.raises(ValueError, match="0 < n <"):
+    data.holdout(ds, 0)
+
+
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
   with pytest.raises(data.DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
     data.load("fashion_mnist", data_dir=str(tmp_path / "nowhere"))

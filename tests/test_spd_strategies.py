@@ -147,6 +147,17 @@ def test_cloze_scores_match_numpy_bigram_model():
       np.testing.assert_allclose(got[i, j], want, rtol=1e-4)
 
 
+def test_cloze_scorer_rejects_token_ids_outside_the_vocabulary():
+  text = np.frombuffer(b"Some cats and dogs fear owls; bats bite rats when they roam. " * 30,
+                       np.uint8)
+  c = cloze.build(text, n_items=4, context_len=8, seed=0)
+  bad = cloze.ClozeSet(c.contexts + 300, c.candidates, c.lengths, c.answers)
+  with pytest.raises(ValueError, match=r"contexts hold token ids from 3\d\d to 4\d\d"):
+    cloze.accuracy(lambda p, t: p[t], jnp.zeros((256, 256)), bad)
+  with pytest.raises(ValueError, match=r"outside \[0, 64\)"):
+    cloze.accuracy(lambda p, t: p[t], jnp.zeros((256, 256)), c, vocab_size=64)
+
+
 def test_masked_emulation_equals_static_plan():
   params, _, held_out = _setup()
   for drop in [(False, True, False), (True, True, True)]:

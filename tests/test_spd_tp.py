@@ -190,6 +190,36 @@ def test_bad_tp_sizes_are_rejected(kwargs, n, match):
     tp.make_forward(cfg, sharding.make_mesh(n))
 
 
+def test_tp_forward_names_bad_inputs_instead_of_answering_wrong():
+  params, tokens, _ = _setup(MHA)
+  mesh = sharding.make_mesh(2)
+  sp = tp.prepare_params(params, MHA, mesh)
+  f = tp.make_forward(MHA, mesh)
+  with pytest.raises(ValueError, match=r"\(batch, length\).*tokens\[None\]"):
+    f(sp, tokens[0])
+  with pytest.raises(ValueError, match="positions 0..19 do not fit the max_seq_len 16"):
+    f(sp, jnp.zeros((1, 20), jnp.int32))  # the dense model refuses this too
+  with pytest.raises(ValueError, match=r"token ids must lie in \[0, 256\); got values from \d+ to 999"):
+    f(sp, tokens.at[0, 3].set(999))
+  wide = lm.LMConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=8, d_ff=64, max_seq_len=16)
+  with pytest.raises(ValueError, match=r"param \['block_0'\]\['attn'\]\['wk'\] has shape"):
+    f(tp.prepare_params(lm.init(jax.random.key(0), wide), wide, mesh), tokens)
+  g = tp.make_forward(MHA, mesh, with_cache=True)
+  cache = tp.init_cache(MHA, mesh, 2, 8)
+  with pytest.raises(ValueError, match="positions 0..11 do not fit the cache length 8"):
+    g(sp, tokens, cache, jnp.asarray(0))
+  with pytest.raises(ValueError, match="batch 1 but the KV cache was made for batch 2"):
+    g(sp, tokens[:1, :4], cache, jnp.asarray(0))
+  with pytest.raises(TypeError, match="with_cache=True"):
+    g(sp, tokens)
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.0])
+def test_make_mesh_needs_a_positive_integer(n):
+  with pytest.raises(ValueError, match="TP size must be an integer >= 1"):
+    sharding.make_mesh(n)
+
+
 def test_bad_plans_and_permutations_are_rejected():
   mesh = sharding.make_mesh(2)
   with pytest.raises(ValueError, match="sync plan has 3 blocks"):
@@ -198,6 +228,8 @@ def test_bad_plans_and_permutations_are_rejected():
     tp.make_forward(MHA, mesh, residual="avg")
   with pytest.raises(ValueError, match="not a permutation"):
     heads.permute_heads(_setup(MHA)[0], MHA, [[0] * 8, list(range(8))])
+  with pytest.raises(ValueError, match=r"one order of the 8 KV groups per block.*\[perm\] \* 2"):
+    tp.prepare_params(_setup(MHA)[0], MHA, mesh, head_perm=list(range(8)))
   with pytest.raises(ValueError, match="needs 16 devices"):
     sharding.make_mesh(16)
 

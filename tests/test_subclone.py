@@ -199,6 +199,14 @@ def test_speedup_is_the_ratio_of_crossing_steps():
   assert (r["steps_reference"], r["steps"], r["speedup"]) == (80.0, 20.0, 4.0)
 
 
+def test_importance_with_the_wrong_config_names_the_mismatch():
+  cfg = lm.LMConfig(d_model=32, n_layers=2, n_heads=4, d_ff=32, max_seq_len=16)
+  params = lm.init(jax.random.key(0), cfg)
+  deeper = lm.LMConfig(d_model=32, n_layers=3, n_heads=4, d_ff=32, max_seq_len=16)
+  with pytest.raises(ValueError, match=r"lm_importance: params do not match.*missing.*block_2"):
+    importance.lm_importance(params, np.zeros((1, 8), np.int32), deeper)
+
+
 def test_run_cache_resumes_and_keeps_other_studies_files(tmp_path):
   from core.cache import RunCache, params_fingerprint
   path, calls = str(tmp_path / "runs.json"), []
