@@ -4,7 +4,8 @@
       --steps=2000 --workdir=runs/cnn_mnist5k
 
 Re-running the same command after an interruption resumes from the last
-checkpoint in --workdir.
+checkpoint in --workdir; a workdir made with another config is refused unless
+--restart.
 """
 
 from absl import app, flags, logging
@@ -22,6 +23,8 @@ _LR = flags.DEFINE_float("lr", 1e-3, "Peak learning rate.")
 _WD = flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for init and batch order.")
 _CKPT_EVERY = flags.DEFINE_integer("ckpt_every", 200, "Checkpoint interval (steps).")
+_RESTART = flags.DEFINE_bool("restart", False, "Discard a run in --workdir made with another "
+                             "config and start over (without it such a workdir is refused).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, summary.json.")
 _FASHION_DIR = flags.DEFINE_string("fashion_mnist_dir", None,
                                    "Folder with the Fashion-MNIST IDX .gz files.")
@@ -35,7 +38,7 @@ def main(argv):
                     weight_decay=_WD.value, warmup_steps=max(1, _STEPS.value // 10),
                     seed=_SEED.value, ckpt_every=_CKPT_EVERY.value)
   res = train_classifier(data.load(_DATASET.value, **kwargs), _MODEL.value, cfg,
-                         workdir=_WORKDIR.value)
+                         workdir=_WORKDIR.value, restart=_RESTART.value)
   print({k: round(v, 5) if isinstance(v, float) else v for k, v in res.metrics.items()})
 
 

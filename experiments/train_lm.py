@@ -3,7 +3,8 @@
   python -m experiments.train_lm --n_layers=4 --d_model=256 --steps=3000 \
       --workdir=runs/lm_kjv
 
-Re-running the same command after an interruption resumes from --workdir.
+Re-running the same command after an interruption resumes from --workdir; a
+workdir made with another config is refused unless --restart.
 """
 
 from absl import app, flags, logging
@@ -24,6 +25,8 @@ _LR = flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for init and batch order.")
 _EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 64, "Validation windows (-1: all).")
 _CKPT_EVERY = flags.DEFINE_integer("ckpt_every", 200, "Checkpoint interval (steps).")
+_RESTART = flags.DEFINE_bool("restart", False, "Discard a run in --workdir made with another "
+                             "config and start over (without it such a workdir is refused).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, summary.json.")
 
 
@@ -35,7 +38,7 @@ def main(argv):
   cfg = TrainConfig(steps=_STEPS.value, batch_size=_BATCH.value, lr=_LR.value,
                     warmup_steps=max(1, _STEPS.value // 10), seed=_SEED.value,
                     ckpt_every=_CKPT_EVERY.value)
-  res = train_lm(model_cfg, cfg, workdir=_WORKDIR.value,
+  res = train_lm(model_cfg, cfg, workdir=_WORKDIR.value, restart=_RESTART.value,
                  eval_windows=None if _EVAL_WINDOWS.value < 0 else _EVAL_WINDOWS.value)
   print({k: round(v, 5) if isinstance(v, float) else v for k, v in res.metrics.items()})
 

@@ -147,6 +147,22 @@ def test_sigkilled_binary_resumes_to_the_same_result(tmp_path):
     assert json.load(fa)["metrics"]["accuracy"] == json.load(fb)["metrics"]["accuracy"]
 
 
+def test_binary_refuses_a_changed_config_unless_restarted(tmp_path):
+  wd = str(tmp_path / "run")
+  _run_binary(wd, steps=20)
+  cmd = [sys.executable, "-m", "experiments.train_classifier", "--dataset=digits", "--model=mlp",
+         "--steps=10", "--batch_size=16", "--ckpt_every=20", f"--workdir={wd}"]
+  env = dict(os.environ, JAX_THREEFRY_PARTITIONABLE="false")
+  refused = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert refused.returncode != 0
+  assert "train.steps: saved 20, now 10" in refused.stderr and "--restart" in refused.stderr
+  ok = subprocess.run(cmd + ["--restart"], cwd=ROOT, env=env, capture_output=True, text=True,
+                      timeout=120)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  step, _ = checkpoint.CheckpointManager(os.path.join(wd, "checkpoints")).restore(None)
+  assert step == 10
+
+
 def test_recipe_resumed_after_its_last_step_keeps_measured_throughput(tmp_path):
   tcfg = TrainConfig(steps=20, batch_size=16, warmup_steps=2, ckpt_every=10)
   first = train_classifier("digits", "mlp", tcfg, workdir=str(tmp_path), progress=False,
