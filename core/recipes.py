@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
 from typing import Any, Callable
 
 import jax
-import numpy as np
 
 from core import data, evaluation
+from core.cache import params_fingerprint
 from core.models import CLASSIFIERS, classifier_config, layers, lm, num_params
 from core.train import TrainConfig, train
 
@@ -55,17 +54,6 @@ def classifier_loss(apply_fn: Callable[[Any, jax.Array], jax.Array]) -> Callable
   return loss_fn
 
 
-def _data_fingerprint(*arrays) -> str:
-  """A short hash of the training data, so a workdir is not resumed on other data
-  (e.g. a training split with a validation split carved out of it)."""
-  h = hashlib.sha256()
-  for a in arrays:
-    a = np.ascontiguousarray(a)
-    h.update(f"{a.dtype}{a.shape}".encode())
-    h.update(a.tobytes())
-  return h.hexdigest()[:16]
-
-
 def train_classifier(dataset: str | data.Dataset, model: str, train_cfg: TrainConfig, *,
                      workdir: str | None = None, progress: bool = True, restart: bool = False,
                      **model_overrides: Any) -> RecipeResult:
@@ -85,8 +73,10 @@ def train_classifier(dataset: str | data.Dataset, model: str, train_cfg: TrainCo
               train_cfg, workdir=workdir, progress=progress, desc=f"{model}/{ds.name}",
               eval_fn=lambda p: evaluation.classifier_metrics(apply_fn, p, ds.x_test, ds.y_test),
               run_meta={"model": model, "model_config": dataclasses.asdict(mcfg),
-                        "dataset": ds.name, "train_data": _data_fingerprint(ds.x_train,
-                                                                            ds.y_train)},
+                        "dataset": ds.name,
+                        # so a workdir is not resumed on other data (e.g. a split with
+                        # validation images carved out of it)
+                        "train_data": params_fingerprint((ds.x_train, ds.y_train))[:16]},
               restart=restart)
   metrics = dict(res.final_eval, params=num_params(res.params),
                  examples_per_sec=res.steps_per_sec * train_cfg.batch_size)
