@@ -142,17 +142,15 @@ def _claim_workdir(workdir: str, identity: dict, restart: bool) -> None:
     with open(path) as f:
       saved = json.load(f)
     if saved != identity and not restart:
-      diff = {k: (saved.get(k), identity.get(k)) for k in set(saved) | set(identity)
-              if saved.get(k) != identity.get(k)}
-      for part in ("train", "run"):  # name the fields, not whole dicts
-        if part in diff and isinstance(diff[part][0], dict) and isinstance(diff[part][1], dict):
-          old, new = diff.pop(part)
-          diff |= {f"{part}.{k}": (old.get(k), new.get(k)) for k in set(old) | set(new)
-                   if old.get(k) != new.get(k)}
+      # Name the fields that differ ("train.lr", "run.model_config"), not whole dicts.
+      flat = lambda d: {f"{part}.{k}": v for part, sub in d.items() for k, v in (sub or {}).items()}
+      old, new = flat(saved), flat(identity)
+      diff = ", ".join(f"{k}: saved {old.get(k)!r}, now {new.get(k)!r}"
+                       for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k))
       raise ConfigMismatchError(
-          f"{workdir} holds a run made with another config ({', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in sorted(diff.items()))}); "
-          "resuming would mix the two. Use another workdir, or restart=True (--restart in the "
-          "binaries) to discard the old run.")
+          f"{workdir} holds a run made with another config ({diff}); resuming would mix the "
+          "two. Use another workdir, or restart=True (--restart in the binaries) to discard "
+          "the old run.")
   elif os.path.isdir(ckpts) and os.listdir(ckpts) and not restart:
     raise ConfigMismatchError(f"{workdir} holds checkpoints but no {RUN_FILE}, so there is no "
                               "telling what run they belong to; use restart=True to discard "
