@@ -228,15 +228,16 @@ def check_inputs(tokens_BxL: Any, cfg: LMConfig, cache: Cache | None, pos: Any,
   if cache is None:
     limit, what = cfg.max_seq_len, "max_seq_len"
   else:
-    limit, what = min(cache_length(cache), cfg.max_seq_len), "cache length"
+    limit, what = ((cache_length(cache), "cache length") if cache_length(cache) <= cfg.max_seq_len
+                   else (cfg.max_seq_len, "max_seq_len"))
     cache_b = cache[block_key(0)]["k"].shape[0]
     if cache_b != b:
       raise ValueError(f"{where}: tokens have batch {b} but the KV cache was made for batch "
                        f"{cache_b}")
   guards.require(lambda p: 0 <= p and p + l <= limit,
                  lambda p: f"{where}: positions {int(p)}..{int(p) + l - 1} do not fit the "
-                           f"{what} {limit}" + ("" if cache is None else
-                                                " (make a longer cache with init_cache)"),
+                           f"{what} {limit}" + (" (make a longer cache with init_cache)"
+                                                if what == "cache length" else ""),
                  pos)
 
 
