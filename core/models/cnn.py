@@ -58,17 +58,21 @@ def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
                                (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
-def apply(params: dict, x: jax.Array, cfg: CNNConfig) -> jax.Array:
-  """Logits (B, num_classes) for images (B, H, W, C)."""
+def features(params: dict, x: jax.Array, cfg: CNNConfig) -> jax.Array:
+  """The last hidden layer's activations (B, hidden[-1]) (the flattened conv
+  features if there is no hidden layer): what latent-space defences read."""
   if tuple(x.shape[1:]) != tuple(cfg.input_shape):
     raise ValueError(f"CNN expects inputs (B, {cfg.input_shape}), got {x.shape}")
   h = x
   for i in range(len(cfg.channels)):
     h = max_pool_2x2(jax.nn.relu(conv2d(h, **params[f"conv_{i}"])))
   h = h.reshape(h.shape[0], -1)
-  n = len(cfg.hidden) + 1
-  for i in range(n):
-    h = h @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"]
-    if i < n - 1:
-      h = jax.nn.relu(h)
+  for i in range(len(cfg.hidden)):
+    h = jax.nn.relu(h @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"])
   return h
+
+
+def apply(params: dict, x: jax.Array, cfg: CNNConfig) -> jax.Array:
+  """Logits (B, num_classes) for images (B, H, W, C)."""
+  last = params[f"dense_{len(cfg.hidden)}"]
+  return features(params, x, cfg) @ last["kernel"] + last["bias"]

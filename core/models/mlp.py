@@ -36,14 +36,18 @@ def init(key: jax.Array, cfg: MLPConfig) -> dict:
           for i, (k, a, b) in enumerate(zip(keys, widths[:-1], widths[1:]))}
 
 
-def apply(params: dict, x: jax.Array, cfg: MLPConfig) -> jax.Array:
-  """Logits (B, num_classes) for images (B, *input_shape)."""
+def features(params: dict, x: jax.Array, cfg: MLPConfig) -> jax.Array:
+  """The last hidden layer's activations (B, widths[-2]) (the flattened input
+  if there is no hidden layer): what latent-space defences read."""
   if tuple(x.shape[1:]) != tuple(cfg.input_shape):
     raise ValueError(f"MLP expects inputs (B, {cfg.input_shape}), got {x.shape}")
   h = x.reshape(x.shape[0], -1)
-  n = len(cfg.widths) - 1
-  for i in range(n):
-    h = h @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"]
-    if i < n - 1:
-      h = jax.nn.relu(h)
+  for i in range(len(cfg.widths) - 2):
+    h = jax.nn.relu(h @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"])
   return h
+
+
+def apply(params: dict, x: jax.Array, cfg: MLPConfig) -> jax.Array:
+  """Logits (B, num_classes) for images (B, *input_shape)."""
+  last = params[f"dense_{len(cfg.widths) - 2}"]
+  return features(params, x, cfg) @ last["kernel"] + last["bias"]
