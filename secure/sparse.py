@@ -24,17 +24,23 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _omp_one(xy_K, x_norm2, gram_KxK, k: int, tol):
+def _identity(a):
+  return a
+
+
+def _omp_one(xy_K, x_norm2, gram_KxK, k: int, tol, q_factor=_identity, q_coef=_identity):
   """OMP for one signal from its correlations ``xy`` = D x. Fixed-size arrays:
   L is the Cholesky factor of the selected atoms' Gram matrix, padded with the
-  identity, so triangular solves over all k slots leave unused slots at zero."""
+  identity, so triangular solves over all k slots leave unused slots at zero.
+  ``q_factor`` / ``q_coef`` round the factor and the coefficients (identity in
+  floating point; a fixed-point datapath passes its quantisers)."""
   n_atoms = gram_KxK.shape[0]
   eps = jnp.finfo(xy_K.dtype).eps
 
   def solve(L, idx, active):
     rhs = jnp.where(active, xy_K[idx], 0.0)
-    y = jax.scipy.linalg.solve_triangular(L, rhs, lower=True)
-    return jax.scipy.linalg.solve_triangular(L.T, y, lower=False)
+    y = q_coef(jax.scipy.linalg.solve_triangular(L, rhs, lower=True))
+    return q_coef(jax.scipy.linalg.solve_triangular(L.T, y, lower=False))
 
   def body(i, carry):
     L, idx, active, gamma, done = carry
@@ -43,13 +49,13 @@ def _omp_one(xy_K, x_norm2, gram_KxK, k: int, tol):
     corr = jnp.where(jnp.zeros(n_atoms, bool).at[idx].max(active), -jnp.inf, corr)
     j = jnp.argmax(corr)
     v = jnp.where(active, gram_KxK[idx, j], 0.0)
-    w = jax.scipy.linalg.solve_triangular(L, v, lower=True)
+    w = q_factor(jax.scipy.linalg.solve_triangular(L, v, lower=True))
     diag2 = gram_KxK[j, j] - jnp.dot(w, w)
     # A new atom (numerically) in the span of the chosen ones ends the pursuit,
     # as in scikit-learn; so does reaching the residual tolerance.
     stop = done | (diag2 <= eps) | (corr[j] <= 0)
     new_L = L.at[i].set(jnp.where(jnp.arange(k) < i, w, 0.0)).at[i, i].set(
-        jnp.sqrt(jnp.maximum(diag2, eps)))
+        q_factor(jnp.sqrt(jnp.maximum(diag2, eps))))
     new_idx, new_active = idx.at[i].set(j), active.at[i].set(True)
     new_gamma = solve(new_L, new_idx, new_active)
     L, idx, active, gamma = jax.tree.map(lambda a, b: jnp.where(stop, a, b),

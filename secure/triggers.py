@@ -89,7 +89,20 @@ class Warp:
     return np.clip(np.asarray(out), 0.0, 1.0).astype(np.float32)
 
 
-Trigger = Patch | Blend | Warp
+@dataclasses.dataclass(frozen=True, eq=False)
+class Additive:
+  """A fixed additive pattern (H, W, C), e.g. one optimised by an adaptive
+  attacker; the result is clipped to [0, 1]."""
+  delta: np.ndarray
+
+  def __call__(self, x: np.ndarray) -> np.ndarray:
+    x = _check_images(x)
+    if x.shape[1:] != np.shape(self.delta):
+      raise ValueError(f"pattern of shape {np.shape(self.delta)} for images {x.shape[1:]}")
+    return np.clip(x + np.asarray(self.delta, np.float32), 0.0, 1.0)
+
+
+Trigger = Patch | Blend | Warp | Additive
 
 
 def _check_images(x) -> np.ndarray:

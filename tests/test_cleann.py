@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from core import data
-from secure import cleann, sparse, triggers
+from secure import detection, sparse, triggers
+from secure.cleann import analyzers as cleann
 
 PATCH = cleann.PatchConfig(size=4, stride=2)  # for 8x8 digits
 MNIST_PATCH = cleann.PatchConfig(size=7, stride=7)
@@ -37,7 +38,7 @@ def test_patches_and_dct_invert_exactly():
 def test_benign_images_score_low_and_a_foreign_patch_high():
   ds, an = _setup()
   benign = an.score(ds.x_test[:200])
-  thr = cleann.threshold_for_fpr(an.score(ds.x_train[400:800]), 0.01)
+  thr = detection.threshold_for_fpr(an.score(ds.x_train[400:800]), 0.01)
   patched = an.score(TRIGGER(ds.x_test[:200]))
   assert np.mean(benign > thr) < 0.05
   assert np.mean(patched > thr) > 0.9
@@ -48,7 +49,7 @@ def test_benign_images_score_low_and_a_foreign_patch_high():
 @pytest.mark.parametrize("fpr", [0.01, 0.05, 0.2])
 def test_threshold_gives_the_requested_fpr_on_its_split(fpr):
   scores = np.random.default_rng(0).exponential(size=1000)
-  thr = cleann.threshold_for_fpr(scores, fpr)
+  thr = detection.threshold_for_fpr(scores, fpr)
   assert np.mean(scores > thr) <= fpr and np.mean(scores > thr) >= fpr - 0.002
 
 
@@ -77,7 +78,7 @@ def test_latent_analyzer_flags_features_off_the_benign_subspace():
   benign = rng.standard_normal((600, 8)) @ basis
   an = cleann.fit_latent_analyzer(benign[:400], sparse.DictConfig(n_atoms=16, n_nonzero=8,
                                                                   iters=5))
-  thr = cleann.threshold_for_fpr(an.score(benign[400:500]), 0.05)
+  thr = detection.threshold_for_fpr(an.score(benign[400:500]), 0.05)
   off = benign[500:] + 0.5 * rng.standard_normal((100, 32))
   assert np.mean(an.score(benign[500:]) > thr) < 0.1 and np.mean(an.score(off) > thr) > 0.95
 
@@ -95,6 +96,6 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="n_nonzero=60 must lie"):
     cleann.InputAnalyzer(an.dictionary, MNIST_PATCH, 60).score(ds.x_test[:2])
   with pytest.raises(ValueError, match="at least one benign validation score"):
-    cleann.threshold_for_fpr([], 0.01)
+    detection.threshold_for_fpr([], 0.01)
   with pytest.raises(ValueError, match="patch size 9 exceeds"):
     cleann.patches(data.load("digits").x_test[:1], cleann.PatchConfig(size=9, stride=1))

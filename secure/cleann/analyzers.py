@@ -91,10 +91,12 @@ class InputAnalyzer:
   n_nonzero: int
   position_scale: np.ndarray | None = None  # (P,) benign residual scale per patch position
 
-  def _codes(self, x):
+  mean_patches: np.ndarray | None = None    # (P, size*size) benign mean, pixel domain
+
+  def _codes(self, x, tol: float | None = None):
     p = to_dct(patches(x, self.patch), self.patch.size)
     n, np_, s = p.shape
-    codes = sparse.omp(p.reshape(n * np_, s), self.dictionary, self.n_nonzero)
+    codes = sparse.omp(p.reshape(n * np_, s), self.dictionary, self.n_nonzero, tol=tol)
     return p, codes.reshape(n, np_, -1)
 
   def residuals(self, x) -> np.ndarray:
@@ -102,41 +104,59 @@ class InputAnalyzer:
     p, codes = self._codes(x)
     return np.asarray(jnp.sum((p - codes @ jnp.asarray(self.dictionary)) ** 2, axis=-1))
 
+  def _relative(self, r: np.ndarray) -> np.ndarray:
+    if self.position_scale is None:
+      return r
+    if r.shape[1] != len(self.position_scale):
+      raise ValueError(f"images give {r.shape[1]} patches; the analyzer was fitted on "
+                       f"images with {len(self.position_scale)}")
+    return r / self.position_scale
+
   def score(self, x) -> np.ndarray:
     """Per image: the largest patch residual relative to the benign scale at
     that position (raw residual without ``position_scale``)."""
-    r = self.residuals(x)
-    if self.position_scale is not None:
-      if r.shape[1] != len(self.position_scale):
-        raise ValueError(f"images give {r.shape[1]} patches; the analyzer was fitted on "
-                         f"images with {len(self.position_scale)}")
-      r = r / self.position_scale
-    return r.max(axis=1)
+    return self._relative(self.residuals(x)).max(axis=1)
 
-  def reconstruct(self, x) -> np.ndarray:
-    """Images rebuilt from their sparse codes, clipped to [0, 1]."""
+  def reconstruct(self, x, tol: float | None = None, excise: bool = True) -> np.ndarray:
+    """Images rebuilt from their sparse codes, clipped to [0, 1]. ``tol``: stop
+    each patch's pursuit once its squared residual is at most ``tol`` (drops
+    low-energy content a benign dictionary needs no atom for, e.g. a faint
+    blended pattern). ``excise``: a patch the dictionary cannot explain
+    (residual above its position's benign scale) is replaced by the benign
+    mean patch there instead of its partial reconstruction, which still
+    carries part of a stamped trigger."""
     x = np.asarray(x, np.float32)
-    _, codes = self._codes(x)
+    p, codes = self._codes(x)
     rec = from_dct(codes @ jnp.asarray(self.dictionary), self.patch.size)
+    if tol is not None:
+      rec = from_dct(self._codes(x, tol)[1] @ jnp.asarray(self.dictionary), self.patch.size)
+    if excise and self.mean_patches is not None:
+      r = self._relative(np.asarray(jnp.sum((p - codes @ jnp.asarray(self.dictionary)) ** 2,
+                                            axis=-1)))
+      rec = jnp.where((r > 1.0)[..., None], jnp.asarray(self.mean_patches)[None], rec)
     return np.clip(np.asarray(assemble(rec, x.shape[1:3], self.patch)), 0.0, 1.0)
 
 
 def fit_input_analyzer(x_benign, patch: PatchConfig, dict_cfg: sparse.DictConfig,
                        max_patches: int = 20000, scale_quantile: float = 0.99,
                        scale_floor: float = 1e-3) -> InputAnalyzer:
-  """Learns the DCT patch dictionary on benign, unlabelled images, and the
-  benign residual scale per patch position (``scale_quantile`` of the
-  calibration images' residuals there, at least ``scale_floor``)."""
+  """Learns the DCT patch dictionary on benign, unlabelled images, the benign
+  residual scale per patch position (``scale_quantile`` of the calibration
+  images' residuals there, at least ``scale_floor``) and the benign mean patch
+  at each position (what excised patches are filled with)."""
   x_benign = np.asarray(x_benign, np.float32)
   if len(x_benign) == 0:
     raise ValueError("the input analyzer needs at least one benign calibration image")
+  if not np.isfinite(x_benign).all():
+    raise ValueError("benign calibration images contain NaN or inf")
   p = np.asarray(to_dct(patches(x_benign, patch), patch.size)).reshape(-1, patch.size ** 2)
   if len(p) > max_patches:
     p = p[np.random.default_rng(dict_cfg.seed).choice(len(p), max_patches, replace=False)]
   d, _ = sparse.learn_dictionary(p, dict_cfg)
   raw = InputAnalyzer(d, patch, dict_cfg.n_nonzero)
   scale = np.maximum(np.quantile(raw.residuals(x_benign), scale_quantile, axis=0), scale_floor)
-  return dataclasses.replace(raw, position_scale=scale.astype(np.float32))
+  mean = np.asarray(patches(x_benign.mean(0, keepdims=True), patch))[0]
+  return dataclasses.replace(raw, position_scale=scale.astype(np.float32), mean_patches=mean)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,15 +178,3 @@ def fit_latent_analyzer(feats_benign, dict_cfg: sparse.DictConfig) -> LatentAnal
     raise ValueError(f"the latent analyzer needs benign features (N, F), got shape {feats.shape}")
   d, _ = sparse.learn_dictionary(feats, dict_cfg)
   return LatentAnalyzer(d, dict_cfg.n_nonzero)
-
-
-def threshold_for_fpr(benign_scores, fpr: float) -> float:
-  """The score above which at most ``fpr`` of ``benign_scores`` lie (inputs with
-  a higher score are flagged)."""
-  s = np.sort(np.asarray(benign_scores, np.float64))
-  if len(s) == 0:
-    raise ValueError("thresholds need at least one benign validation score")
-  if not 0 < fpr < 1:
-    raise ValueError(f"fpr must lie in (0, 1), got {fpr}")
-  k = int(np.floor(fpr * len(s)))   # at most k benign scores may exceed the threshold
-  return float(s[len(s) - 1 - k])
