@@ -10,6 +10,7 @@ from absl import app, flags, logging
 
 from accel import section as rapidnn_section
 from core import baselines, report
+from secure.cleann import section as cleann_section
 from spd_jax import latency_report, study
 from subclone import section as subclone_section
 
@@ -24,6 +25,7 @@ SECTIONS: list[tuple[str, report.SectionFn]] = [
     ("spd_accuracy", study.section),
     ("subclone", subclone_section.section),
     ("rapidnn", rapidnn_section.section),
+    ("cleann", cleann_section.section),
 ]
 
 
