@@ -52,8 +52,24 @@ def _check_subclone_tour(out: str) -> None:
   assert float(after["subcloned"]) < float(after["random"])
 
 
+def _check_cleann_tour(out: str) -> None:
+  c_acc, asr = map(float, re.search(r"clean accuracy ([\d.]+)%, attack success rate ([\d.]+)%",
+                                    out).groups())
+  assert asr > 90 and c_acc > 85                 # the backdoor works before any defence
+  tpr5, ra5 = map(float, re.search(r"at 5% FPR: TPR ([\d.]+)%, recovery accuracy ([\d.]+)%",
+                                   out).groups())
+  assert tpr5 > 95 and ra5 > 80
+  through, before = map(float, re.search(r"at 5% FPR: .* clean accuracy through the shield "
+                                         r"([\d.]+)% \(victim ([\d.]+)%\)", out).groups())
+  assert through > before - 3
+  labels = re.search(r"victim says (\d) on the triggered image, (\d) on its reconstruction; "
+                     r"true label (\d)", out).groups()
+  assert labels[0] == "0" and labels[1] == labels[2]   # backdoor fires; recovery gets it back
+  assert 0 <= _floats(r"STRIP TPR at 5% FPR: ([\d.]+)%", out)[0] <= 100
+
+
 CHECKS = {"spd_tour": _check_spd_tour, "rapidnn_tour": _check_rapidnn_tour,
-          "subclone_tour": _check_subclone_tour}
+          "subclone_tour": _check_subclone_tour, "cleann_tour": _check_cleann_tour}
 
 
 def test_every_notebook_has_checks():
