@@ -91,10 +91,25 @@ def _check_signals(x, d) -> tuple[np.ndarray | jax.Array, np.ndarray | jax.Array
   return x, d
 
 
-def omp(x_NxF, d_KxF, n_nonzero: int, tol: float | None = None) -> jax.Array:
+def _buckets(n: int, chunk: int) -> list[tuple[int, int, int]]:
+  """(start, stop, padded size) pieces covering [0, n): full chunks of ``chunk``,
+  then the rest padded to the next power of two (at least 1024, which costs
+  little next to a compile), so a stream of calls with varying N compiles a
+  handful of shapes, not one per N."""
+  out = [(i, i + chunk, chunk) for i in range(0, n - n % chunk, chunk)]
+  if n % chunk:
+    start = n - n % chunk
+    out.append((start, n, min(chunk, max(1024, 1 << (n - start - 1).bit_length()))))
+  return out
+
+
+def omp(x_NxF, d_KxF, n_nonzero: int, tol: float | None = None, chunk: int = 4096
+        ) -> jax.Array:
   """Sparse codes (N, K) of the rows of ``x`` in the dictionary ``d`` (unit-norm
   rows): greedy OMP with at most ``n_nonzero`` atoms per signal, stopping
-  earlier once the squared residual norm is at most ``tol``."""
+  earlier once the squared residual norm is at most ``tol``. Signals are coded
+  ``chunk`` at a time (zero rows pad the last piece; a zero signal codes to
+  zero), which bounds memory and the number of compiled shapes."""
   x_NxF, d_KxF = _check_signals(jnp.asarray(x_NxF, jnp.float32), jnp.asarray(d_KxF, jnp.float32))
   if isinstance(n_nonzero, bool) or not isinstance(n_nonzero, (int, np.integer)):
     raise TypeError(f"n_nonzero must be an integer, got {n_nonzero!r}")
@@ -103,7 +118,16 @@ def omp(x_NxF, d_KxF, n_nonzero: int, tol: float | None = None) -> jax.Array:
                      f"dictionary of {d_KxF.shape[0]} atoms of {d_KxF.shape[1]} features")
   if tol is not None and not tol >= 0:
     raise ValueError(f"tol must be >= 0 (a squared residual norm), got {tol}")
-  return _omp(x_NxF, d_KxF, int(n_nonzero), jnp.float32(-1.0 if tol is None else tol))
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1, got {chunk}")
+  tol_ = jnp.float32(-1.0 if tol is None else tol)
+  pieces = []
+  for start, stop, size in _buckets(x_NxF.shape[0], chunk):
+    xs = jnp.pad(x_NxF[start:stop], ((0, size - (stop - start)), (0, 0)))
+    pieces.append(_omp(xs, d_KxF, int(n_nonzero), tol_)[:stop - start])
+  if not pieces:
+    return jnp.zeros((0, d_KxF.shape[0]), jnp.float32)
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
 
 
 def reconstruction_error(x_NxF, d_KxF, codes_NxK, relative: bool = True) -> jax.Array:

@@ -7,6 +7,7 @@ import functools
 
 import numpy as np
 import pytest
+import scipy.fft
 
 from core import data
 from secure import detection, sparse, triggers
@@ -31,6 +32,11 @@ def test_patches_and_dct_invert_exactly():
   assert p.shape == (5, 9, 16)  # origins 0, 2, 4 on each side of 8 pixels
   np.testing.assert_allclose(cleann.assemble(p, (8, 8), PATCH), x, atol=1e-6)
   np.testing.assert_allclose(cleann.from_dct(cleann.to_dct(p, 4), 4), p, atol=1e-5)
+  ref = scipy.fft.dctn(np.asarray(p).reshape(5, 9, 4, 4), axes=(-2, -1), norm="ortho")
+  np.testing.assert_allclose(cleann.to_dct(p, 4), ref.reshape(5, 9, 16), atol=1e-5)
+  ref_p = np.stack([x[:, r:r + 4, c:c + 4, 0].reshape(5, 16) for r in (0, 2, 4)
+                    for c in (0, 2, 4)], axis=1)             # row-major origins, by slicing
+  np.testing.assert_array_equal(p, ref_p)
   odd = cleann.patches(np.zeros((1, 7, 7, 1)), cleann.PatchConfig(size=4, stride=2))
   assert odd.shape == (1, 9, 16)  # origins 0, 2 and a last one flush with the edge (3)
 

@@ -44,12 +44,16 @@ def test_shield_detects_recovers_and_keeps_its_fpr():
   assert (len(x_fit), len(x_val)) == (200, 100)
   for f, thr in sh.thresholds.items():   # the requested FPR on the split that set it
     assert np.mean(sh.scores(x_val)["combined"] > thr) <= f
-  m = shield.evaluate(sh, v)
-  assert m["fpr0.05"]["tpr"] > 95 and m["fpr0.05"]["ra"] > 80, m["fpr0.05"]
-  assert m["fpr0.05"]["asr_after"] < 5
-  assert m["fpr0.05"]["c_acc_after"] > m["c_acc_before"] - 3
-  labels, flagged = sh(v.trigger(v.attack_set()[0][:50]), fpr=0.05)
-  assert flagged.mean() > 0.9 and labels.shape == (50,)
+  # Held-out test images (shield.evaluate, run over the whole split, is checked by the
+  # notebook tour): triggered ones are flagged and relabelled, clean ones mostly pass.
+  x_att, y_att = v.attack_set()
+  labels, flagged = sh(v.trigger(x_att[:200]), fpr=0.05)
+  assert flagged.mean() > 0.95 and np.mean(labels == y_att[:200]) > 0.8
+  assert np.mean(labels == v.cfg.target) < 0.05        # attack success after the shield
+  clean, cflag = sh(v.ds.x_test[:300], fpr=0.05)
+  assert cflag.mean() < 0.12
+  victim_acc = np.mean(v.predict(v.ds.x_test[:300]) == v.ds.y_test[:300])
+  assert np.mean(clean == v.ds.y_test[:300]) > victim_acc - 0.03
   with pytest.raises(ValueError, match="no threshold for FPR 0.1"):
     sh(v.ds.x_test[:2], fpr=0.1)
   with pytest.raises(ValueError, match="NaN or inf"):

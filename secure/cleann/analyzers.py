@@ -20,6 +20,7 @@ rule is not available offline).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,42 +47,95 @@ def _starts(n: int, size: int, stride: int) -> list[int]:
   return s if s[-1] == n - size else s + [n - size]
 
 
+@functools.lru_cache(maxsize=None)
+def _patch_index(h: int, w: int, cfg: PatchConfig) -> tuple[np.ndarray, np.ndarray]:
+  """(P, size*size) flat pixel index of every patch (row-major origins), and
+  how many patches cover each pixel (H*W,)."""
+  rows, cols = _starts(h, cfg.size, cfg.stride), _starts(w, cfg.size, cfg.stride)
+  off = (np.arange(cfg.size)[:, None] * w + np.arange(cfg.size)[None]).ravel()
+  idx = np.stack([r * w + c + off for r in rows for c in cols]).astype(np.int32)
+  return idx, np.bincount(idx.ravel(), minlength=h * w).astype(np.float32)
+
+
 def patches(x_NxHxWx1, cfg: PatchConfig) -> jax.Array:
-  """(N, P, size*size) patches of single-channel images, row-major origins."""
+  """(N, P, size*size) patches of single-channel images, row-major origins
+  (one gather, so it compiles in no time for any batch)."""
   x = jnp.asarray(x_NxHxWx1, jnp.float32)
   if x.ndim != 4 or x.shape[-1] != 1:
     raise ValueError(f"the input analyzer takes single-channel images (N, H, W, 1), got "
                      f"shape {x.shape}")
-  rows, cols = _starts(x.shape[1], cfg.size, cfg.stride), _starts(x.shape[2], cfg.size, cfg.stride)
-  p = [x[:, r:r + cfg.size, c:c + cfg.size, 0] for r in rows for c in cols]
-  return jnp.stack(p, axis=1).reshape(x.shape[0], len(p), cfg.size * cfg.size)
+  idx, _ = _patch_index(x.shape[1], x.shape[2], cfg)
+  return x.reshape(x.shape[0], -1)[:, idx]
 
 
 def assemble(p_NxPxS, image_hw: tuple[int, int], cfg: PatchConfig) -> jax.Array:
   """Images (N, H, W, 1) from patches, overlapping pixels averaged (inverse of
-  ``patches`` on consistent patches)."""
+  ``patches`` on consistent patches): one scatter-add."""
   h, w = image_hw
-  rows, cols = _starts(h, cfg.size, cfg.stride), _starts(w, cfg.size, cfg.stride)
-  p = p_NxPxS.reshape(p_NxPxS.shape[0], len(rows) * len(cols), cfg.size, cfg.size)
-  out = jnp.zeros((p.shape[0], h, w))
-  cnt = jnp.zeros((h, w))
-  i = 0
-  for r in rows:
-    for c in cols:
-      out = out.at[:, r:r + cfg.size, c:c + cfg.size].add(p[:, i])
-      cnt = cnt.at[r:r + cfg.size, c:c + cfg.size].add(1.0)
-      i += 1
-  return (out / cnt)[..., None]
+  idx, cnt = _patch_index(h, w, cfg)
+  n = p_NxPxS.shape[0]
+  out = jnp.zeros((n, h * w), jnp.float32).at[:, idx.ravel()].add(p_NxPxS.reshape(n, -1))
+  return (out / cnt).reshape(n, h, w, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def dct_matrix(size: int) -> np.ndarray:
+  """The orthonormal DCT-II matrix C (size x size): DCT(x) = C x."""
+  k, n = np.arange(size)[:, None], np.arange(size)[None]
+  c = np.sqrt(2.0 / size) * np.cos(np.pi * (2 * n + 1) * k / (2 * size))
+  c[0] /= np.sqrt(2.0)
+  return c.astype(np.float32)
 
 
 def to_dct(p_NxPxS, size: int) -> jax.Array:
-  sq = p_NxPxS.reshape(*p_NxPxS.shape[:-1], size, size)
-  return jax.scipy.fft.dctn(sq, axes=(-2, -1), norm="ortho").reshape(p_NxPxS.shape)
+  """2-D orthonormal DCT-II of each flattened size x size patch (C X C^T)."""
+  c = jnp.asarray(dct_matrix(size))
+  sq = jnp.asarray(p_NxPxS).reshape(*p_NxPxS.shape[:-1], size, size)
+  return (c @ sq @ c.T).reshape(p_NxPxS.shape)
 
 
 def from_dct(c_NxPxS, size: int) -> jax.Array:
-  sq = c_NxPxS.reshape(*c_NxPxS.shape[:-1], size, size)
-  return jax.scipy.fft.idctn(sq, axes=(-2, -1), norm="ortho").reshape(c_NxPxS.shape)
+  """Inverse of ``to_dct`` (C^T X C, C orthonormal)."""
+  c = jnp.asarray(dct_matrix(size))
+  sq = jnp.asarray(c_NxPxS).reshape(*c_NxPxS.shape[:-1], size, size)
+  return (c.T @ sq @ c).reshape(c_NxPxS.shape)
+
+
+def _bucket(n: int) -> int:
+  """Batch sizes are padded to a few buckets (powers of two up to 1024, then
+  multiples of 1024) so calls with varying N reuse compiled code."""
+  return max(64, 1 << max(n - 1, 0).bit_length()) if n <= 1024 else -(-n // 1024) * 1024
+
+
+def _padded(fn, x, *args):
+  n = x.shape[0]
+  out = fn(jnp.pad(jnp.asarray(x, jnp.float32), [(0, _bucket(n) - n)] + [(0, 0)] * (x.ndim - 1)),
+           *args)
+  return out[:n]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _dct_patches(x, cfg: PatchConfig):
+  return to_dct(patches(x, cfg), cfg.size)
+
+
+@functools.partial(jax.jit, static_argnames=("image_hw", "cfg"))
+def _images(c, image_hw, cfg: PatchConfig):
+  return assemble(from_dct(c, cfg.size), image_hw, cfg)
+
+
+def dct_patches(x_NxHxWx1, cfg: PatchConfig) -> jax.Array:
+  """(N, P, size*size) DCT-domain patches (jitted, batch padded to a bucket)."""
+  x = jnp.asarray(x_NxHxWx1, jnp.float32)
+  if x.ndim != 4 or x.shape[-1] != 1:
+    raise ValueError(f"the input analyzer takes single-channel images (N, H, W, 1), got "
+                     f"shape {x.shape}")
+  return _padded(_dct_patches, x, cfg)
+
+
+def images_from_dct(c_NxPxS, image_hw: tuple[int, int], cfg: PatchConfig) -> jax.Array:
+  """Images (N, H, W, 1) from DCT-domain patches, overlaps averaged."""
+  return _padded(_images, c_NxPxS, tuple(image_hw), cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +148,7 @@ class InputAnalyzer:
   mean_patches: np.ndarray | None = None    # (P, size*size) benign mean, pixel domain
 
   def _codes(self, x, tol: float | None = None):
-    p = to_dct(patches(x, self.patch), self.patch.size)
+    p = dct_patches(x, self.patch)
     n, np_, s = p.shape
     codes = sparse.omp(p.reshape(n * np_, s), self.dictionary, self.n_nonzero, tol=tol)
     return p, codes.reshape(n, np_, -1)
@@ -127,14 +181,13 @@ class InputAnalyzer:
     carries part of a stamped trigger."""
     x = np.asarray(x, np.float32)
     p, codes = self._codes(x)
-    rec = from_dct(codes @ jnp.asarray(self.dictionary), self.patch.size)
-    if tol is not None:
-      rec = from_dct(self._codes(x, tol)[1] @ jnp.asarray(self.dictionary), self.patch.size)
+    d = jnp.asarray(self.dictionary)
+    rec = codes @ d if tol is None else self._codes(x, tol)[1] @ d
     if excise and self.mean_patches is not None:
-      r = self._relative(np.asarray(jnp.sum((p - codes @ jnp.asarray(self.dictionary)) ** 2,
-                                            axis=-1)))
-      rec = jnp.where((r > 1.0)[..., None], jnp.asarray(self.mean_patches)[None], rec)
-    return np.clip(np.asarray(assemble(rec, x.shape[1:3], self.patch)), 0.0, 1.0)
+      r = self._relative(np.asarray(jnp.sum((p - codes @ d) ** 2, axis=-1)))
+      mean = to_dct(jnp.asarray(self.mean_patches)[None], self.patch.size)
+      rec = jnp.where((r > 1.0)[..., None], mean, rec)
+    return np.clip(np.asarray(images_from_dct(rec, x.shape[1:3], self.patch)), 0.0, 1.0)
 
 
 def fit_input_analyzer(x_benign, patch: PatchConfig, dict_cfg: sparse.DictConfig,
@@ -149,7 +202,7 @@ def fit_input_analyzer(x_benign, patch: PatchConfig, dict_cfg: sparse.DictConfig
     raise ValueError("the input analyzer needs at least one benign calibration image")
   if not np.isfinite(x_benign).all():
     raise ValueError("benign calibration images contain NaN or inf")
-  p = np.asarray(to_dct(patches(x_benign, patch), patch.size)).reshape(-1, patch.size ** 2)
+  p = np.asarray(dct_patches(x_benign, patch)).reshape(-1, patch.size ** 2)
   if len(p) > max_patches:
     p = p[np.random.default_rng(dict_cfg.seed).choice(len(p), max_patches, replace=False)]
   d, _ = sparse.learn_dictionary(p, dict_cfg)

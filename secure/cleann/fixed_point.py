@@ -71,7 +71,7 @@ def _omp_fixed(x_NxF, d_KxF, n_nonzero: int, fmt: FixedPoint, ranges: tuple[int,
 def calibrate_ranges(an: analyzers.InputAnalyzer, x_benign) -> tuple[int, int]:
   """Integer bits of the residual-path and coefficient formats, from the
   benign images' DCT patches and their float OMP coefficients."""
-  p = np.asarray(analyzers.to_dct(analyzers.patches(x_benign, an.patch), an.patch.size))
+  p = np.asarray(analyzers.dct_patches(x_benign, an.patch))
   p = p.reshape(-1, p.shape[-1])
   codes = np.asarray(sparse.omp(p, an.dictionary, an.n_nonzero))
   corr = p @ an.dictionary.T
@@ -89,7 +89,7 @@ class FixedPointAnalyzer:
 
   def _run(self, x):
     an = self.analyzer
-    p = analyzers.to_dct(analyzers.patches(x, an.patch), an.patch.size)
+    p = analyzers.dct_patches(x, an.patch)
     n, np_, s = p.shape
     codes, rec = _omp_fixed(p.reshape(n * np_, s), jnp.asarray(an.dictionary, jnp.float32),
                             an.n_nonzero, self.fmt, self.ranges)
@@ -105,7 +105,9 @@ class FixedPointAnalyzer:
     x = np.asarray(x, np.float32)
     p, rec = self._run(x)
     r = self.analyzer._relative(np.asarray(jnp.sum((p - rec) ** 2, axis=-1)))
-    img = analyzers.from_dct(rec, self.analyzer.patch.size)
     if self.analyzer.mean_patches is not None:
-      img = jnp.where((r > 1.0)[..., None], jnp.asarray(self.analyzer.mean_patches)[None], img)
-    return np.clip(np.asarray(analyzers.assemble(img, x.shape[1:3], self.analyzer.patch)), 0, 1)
+      mean = analyzers.to_dct(jnp.asarray(self.analyzer.mean_patches)[None],
+                              self.analyzer.patch.size)
+      rec = jnp.where((r > 1.0)[..., None], mean, rec)
+    return np.clip(np.asarray(analyzers.images_from_dct(rec, x.shape[1:3], self.analyzer.patch)),
+                   0, 1)

@@ -235,8 +235,8 @@ def run(plan: Plan, outdir: str, mode: str, progress: bool = True) -> dict:
                       progress=progress)
     sh = shield.fit(v, plan.shield)
     from secure.cleann import analyzers
-    p = np.asarray(analyzers.to_dct(analyzers.patches(v.ds.x_test, sh.input.patch),
-                                    sh.input.patch.size)).reshape(-1, sh.input.patch.size ** 2)
+    p = np.asarray(analyzers.dct_patches(v.ds.x_test, sh.input.patch)).reshape(
+        -1, sh.input.patch.size ** 2)
     p = p[np.random.default_rng(0).choice(len(p), plan.bench_signals, replace=False)]
     return omp_benchmark(sh.input.dictionary, p, sh.input.n_nonzero, plan.bench_reps)
 
