@@ -142,10 +142,16 @@ def test_mlp_matches_numpy():
   p = mlp.init(jax.random.key(0), cfg)
   x = np.random.default_rng(0).random((5, 8, 8, 1), dtype=np.float32)
   h = x.reshape(5, -1)
+  hidden = []
   for i in range(3):
     h = h @ np.asarray(p[f"dense_{i}"]["kernel"]) + np.asarray(p[f"dense_{i}"]["bias"])
     h = np.maximum(h, 0) if i < 2 else h
+    hidden.append(h)
   np.testing.assert_allclose(jax.jit(mlp.apply, static_argnums=2)(p, jnp.asarray(x), cfg), h, atol=1e-5)
+  for layer, ref in [(0, hidden[0]), (1, hidden[1]), (-1, hidden[1]), (-2, hidden[0])]:
+    np.testing.assert_allclose(mlp.features(p, jnp.asarray(x), cfg, layer), ref, atol=1e-5)
+  with pytest.raises(ValueError, match="layer 2 is past the model: it has 2 hidden layers"):
+    mlp.features(p, jnp.asarray(x), cfg, 2)
 
 
 def np_conv_same(x, k, b):
@@ -164,13 +170,21 @@ def test_cnn_matches_numpy():
   p = jax.tree_util.tree_map(np.asarray, cnn.init(jax.random.key(0), cfg))
   x = np.random.default_rng(0).random((2, 8, 8, 1), dtype=np.float32)
   h = x
+  hidden = []
   for i in range(2):
     h = np.maximum(np_conv_same(h, p[f"conv_{i}"]["kernel"], p[f"conv_{i}"]["bias"]), 0)
     n, hh, ww, c = h.shape
     h = h.reshape(n, hh // 2, 2, ww // 2, 2, c).max(axis=(2, 4))
+    hidden.append(h.reshape(2, -1))
   h = np.maximum(h.reshape(2, -1) @ p["dense_0"]["kernel"] + p["dense_0"]["bias"], 0)
+  hidden.append(h)
   h = h @ p["dense_1"]["kernel"] + p["dense_1"]["bias"]
   np.testing.assert_allclose(jax.jit(cnn.apply, static_argnums=2)(p, jnp.asarray(x), cfg), h, atol=1e-5)
+  for layer in (0, 1, 2, -1, -3):
+    np.testing.assert_allclose(cnn.features(p, jnp.asarray(x), cfg, layer), hidden[layer],
+                               atol=1e-5)
+  with pytest.raises(ValueError, match="layer -4 is past the model: it has 3 hidden layers"):
+    cnn.features(p, jnp.asarray(x), cfg, -4)
 
 
 def test_vit_patchify_and_permutation_invariance_of_heads():

@@ -58,17 +58,28 @@ def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
                                (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
-def features(params: dict, x: jax.Array, cfg: CNNConfig) -> jax.Array:
-  """The last hidden layer's activations (B, hidden[-1]) (the flattened conv
-  features if there is no hidden layer): what latent-space defences read."""
+def features(params: dict, x: jax.Array, cfg: CNNConfig, layer: int = -1) -> jax.Array:
+  """Hidden activations that latent-space defences read: layer i < len(channels)
+  is conv stage i (after ReLU and pooling, flattened), then the dense hidden
+  layers (after ReLU); negative indices count from the end (-1: the layer the
+  output layer reads)."""
   if tuple(x.shape[1:]) != tuple(cfg.input_shape):
     raise ValueError(f"CNN expects inputs (B, {cfg.input_shape}), got {x.shape}")
+  n = len(cfg.channels) + len(cfg.hidden)
+  if not -n <= layer < n:
+    raise ValueError(f"layer {layer} is past the model: it has {n} hidden layers "
+                     f"({len(cfg.channels)} conv stages, {len(cfg.hidden)} dense)")
+  layer %= n
   h = x
   for i in range(len(cfg.channels)):
     h = max_pool_2x2(jax.nn.relu(conv2d(h, **params[f"conv_{i}"])))
+    if i == layer:
+      return h.reshape(h.shape[0], -1)
   h = h.reshape(h.shape[0], -1)
   for i in range(len(cfg.hidden)):
     h = jax.nn.relu(h @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"])
+    if len(cfg.channels) + i == layer:
+      break
   return h
 
 

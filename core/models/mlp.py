@@ -36,13 +36,18 @@ def init(key: jax.Array, cfg: MLPConfig) -> dict:
           for i, (k, a, b) in enumerate(zip(keys, widths[:-1], widths[1:]))}
 
 
-def features(params: dict, x: jax.Array, cfg: MLPConfig) -> jax.Array:
-  """The last hidden layer's activations (B, widths[-2]) (the flattened input
-  if there is no hidden layer): what latent-space defences read."""
+def features(params: dict, x: jax.Array, cfg: MLPConfig, layer: int = -1) -> jax.Array:
+  """Hidden layer ``layer``'s activations (after ReLU) that latent-space
+  defences read; negative indices count from the end (-1: the layer the
+  output layer reads)."""
   if tuple(x.shape[1:]) != tuple(cfg.input_shape):
     raise ValueError(f"MLP expects inputs (B, {cfg.input_shape}), got {x.shape}")
+  n = len(cfg.widths) - 2
+  if not -n <= layer < n:
+    raise ValueError(f"layer {layer} is past the model: it has {n} hidden layers")
+  layer %= n
   h = x.reshape(x.shape[0], -1)
-  for i in range(len(cfg.widths) - 2):
+  for i in range(layer + 1):
     h = jax.nn.relu(h @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"])
   return h
 
