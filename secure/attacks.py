@@ -228,7 +228,6 @@ def _jsma(logits_fn, x, target, max_iters: int, theta: float):
   b = x.shape[0]
   flat = x.reshape(b, -1)
   d = flat.shape[1]
-  n_classes = logits_fn(x[:1]).shape[-1]
   jac = jax.vmap(jax.jacrev(lambda xi: logits_fn(xi.reshape((1,) + x.shape[1:]))[0]))
 
   def step(carry, _):
