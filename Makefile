@@ -30,10 +30,10 @@ data:
 	fi
 
 test: env data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2   # two workers: the 2 cores; ~8 min instead of ~11
 
 test-all: env data
-	$(PY) -m pytest -q -m ""
+	$(PY) -m pytest -q -n 2 -m ""
 
 reproduce: env data
 	$(PY) -m experiments.reproduce --outdir results

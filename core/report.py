@@ -46,7 +46,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], digits: int
 
 
 def line_plot(path: str, series: dict[str, tuple[Sequence[float], ...]], *,
-              xlabel: str, ylabel: str, title: str, logy: bool = False) -> str:
+              xlabel: str, ylabel: str, title: str, logy: bool = False,
+              logx: bool = False) -> str:
   """Writes a PNG with one line per series, each (x, y) or (x, y, yerr) where
   yerr draws error bars (e.g. a standard error); returns ``path``."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -61,6 +62,8 @@ def line_plot(path: str, series: dict[str, tuple[Sequence[float], ...]], *,
   ax.set_title(title)
   if logy:
     ax.set_yscale("log")
+  if logx:
+    ax.set_xscale("log")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()

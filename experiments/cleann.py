@@ -39,11 +39,9 @@ def main(argv):
     over["datasets"] = tuple(_DATASETS.value)
     over["adaptive_on"] = tuple(d for d in plan.adaptive_on if d in _DATASETS.value)
   plan = dataclasses.replace(plan, **over)
-  mode = "full" if _FULL.value else "quick"
   report.write_report_or_exit(
       f"{_OUTDIR.value}/CLEANN.md",
-      [("cleann", lambda quick, outdir: section.render(
-          section.study.run(plan, outdir, mode), outdir))],
+      [("cleann", lambda quick, outdir: section.run(quick, outdir, plan=plan))],
       quick=not _FULL.value, outdir=_OUTDIR.value)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from core import report
 from secure import detection
 from secure.cleann import adaptive, neural_cleanse, study
@@ -90,10 +92,12 @@ def render(res: dict, outdir: str) -> report.Section:
     series[f"NC filter ({r['nc']['roc']['auc']:.3f})"] = (r["nc"]["roc"]["fpr"],
                                                           r["nc"]["roc"]["tpr"])
     tag = _name(r).replace(" ", "_").replace("%", "pct")
+    # Log FPR axis: the operating points (1%, 5%) sit where a linear axis shows nothing.
+    series = {k: (np.maximum(np.asarray(x), 1e-4), y) for k, (x, y) in series.items()}
     path = report.line_plot(os.path.join(fig_dir, f"cleann_roc_{tag}.png"), series,
-                            xlabel="false-positive rate (clean test)",
+                            xlabel="false-positive rate (clean test, log scale)",
                             ylabel="true-positive rate (triggered test)",
-                            title=f"ROC: {_name(r)}")
+                            title=f"ROC: {_name(r)}", logx=True)
     parts.append(f"![ROC {_name(r)}]({os.path.relpath(path, outdir)})")
   sized = [r for r in runs if r.get("defender_sizes")]
   if sized:
@@ -162,9 +166,12 @@ def render(res: dict, outdir: str) -> report.Section:
                         "\n\n".join(parts))
 
 
-def run(quick: bool, outdir: str, progress: bool = True) -> report.Section:
+def run(quick: bool, outdir: str, progress: bool = True, plan: study.Plan | None = None
+        ) -> report.Section:
+  """Runs (or resumes) the study of ``plan`` (default: the mode's), writes its
+  records to ``<outdir>/cleann_<mode>.json`` and renders them."""
   mode = "quick" if quick else "full"
-  res = study.run(QUICK if quick else FULL, outdir, mode, progress=progress)
+  res = study.run(plan or (QUICK if quick else FULL), outdir, mode, progress=progress)
   os.makedirs(outdir, exist_ok=True)
   with open(os.path.join(outdir, f"cleann_{mode}.json"), "w") as f:
     json.dump(res, f, indent=1, default=float)
