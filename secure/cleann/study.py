@@ -78,7 +78,7 @@ def evaluate_detector(score: Callable[[np.ndarray], np.ndarray], thresholds: dic
 def shield_record(sh: shield.Shield, v: victims.Victim, x_trig: np.ndarray | None = None
                   ) -> dict:
   x_att, _ = v.attack_set()
-  shield.warm_up(sh, x_att[:len(x_att)])
+  shield.warm_up(sh, x_att)
   m = shield.evaluate(sh, v, x_trig)
   m["roc"] = {k: _thin(r) for k, r in m["roc"].items()}
   return m
