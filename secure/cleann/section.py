@@ -9,15 +9,19 @@ import os
 import numpy as np
 
 from core import report
-from secure import detection
-from secure.cleann import adaptive, neural_cleanse, study
+from secure import detection, sparse
+from secure.cleann import adaptive, neural_cleanse, shield, study
 
 FULL = study.Plan()
-QUICK = study.Plan(datasets=("mnist5k",), triggers=("patch", "blend"), rates=(0.05,),
-                   steps={"mnist5k": 600}, nc=neural_cleanse.NCConfig(steps=60),
-                   defender_sizes=(100, 300), adaptive=adaptive.AdaptiveConfig(steps=60, lr=0.02),
-                   adaptive_on=("mnist5k",), fixed_bits=(6, 8, 12), fixed_on=("patch",),
-                   bench_reps=3)
+# Quick mode is a smoke check of every part in about two minutes: MLP victims
+# (the full study's CNN makes Neural Cleanse and the victims several times slower).
+QUICK = study.Plan(datasets=("mnist5k",), model="mlp", triggers=("patch", "blend"),
+                   rates=(0.05,), steps={"mnist5k": 600}, nc=neural_cleanse.NCConfig(steps=60),
+                   defender_sizes=(100,), adaptive=adaptive.AdaptiveConfig(steps=60, lr=0.02),
+                   adaptive_on=("mnist5k",), fixed_bits=(6, 10), fixed_on=("patch",),
+                   bench_reps=3, shield=shield.ShieldConfig(
+                       input_dict=sparse.DictConfig(n_atoms=128, n_nonzero=4, iters=5),
+                       latent_dict=sparse.DictConfig(n_atoms=128, n_nonzero=12, iters=5)))
 
 
 def _pm(pct: float, n: int) -> str:
@@ -34,7 +38,8 @@ def render(res: dict, outdir: str) -> report.Section:
   runs, parts = res["runs"], []
   plan = res["plan"]
   parts.append(
-      "Backdoored CNN victims (all-to-one, target class 0), trained on poisoned data with the "
+      f"Backdoored {plan['model'].upper()} victims (all-to-one, target class 0), trained on "
+      "poisoned data with the "
       "defender's benign images held out; every metric on the held-out test split (clean "
       "images, and the triggered versions of its non-target images). The defender sees "
       f"{runs[0]['n_defender'] if runs else '?'} unlabelled training images: 2/3 fit the "

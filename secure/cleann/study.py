@@ -31,6 +31,7 @@ CODE_VERSION = "cleann-2"
 @dataclasses.dataclass(frozen=True)
 class Plan:
   datasets: tuple[str, ...] = ("mnist5k", "fashion_mnist")
+  model: str = "cnn"
   triggers: tuple[str, ...] = ("patch", "blend", "warp")
   rates: tuple[float, ...] = (0.05, 0.01)
   seeds: tuple[int, ...] = (1,)
@@ -46,6 +47,18 @@ class Plan:
   fixed_on: tuple[str, ...] = ("patch", "blend")
   bench_signals: int = 4096
   bench_reps: int = 5
+
+
+_SHIELDS: dict = {}   # (victim tag, workdir, shield config) -> fitted shield, this process
+
+
+def _shield_for(v: victims.Victim, plan: Plan, workdir: str | None) -> shield.Shield:
+  """The shield of a victim, fitted once per process (the adaptive run and the
+  OMP benchmark reuse the one fitted for the victim's own run)."""
+  key = (v.cfg.tag, workdir, repr(plan.shield))
+  if key not in _SHIELDS:
+    _SHIELDS[key] = shield.fit(v, plan.shield)
+  return _SHIELDS[key]
 
 
 def _thin(curve: dict, n: int = 120) -> dict:
@@ -91,7 +104,7 @@ def victim_run(cfg: victims.VictimConfig, plan: Plan, workdir: str | None,
   rec = {"victim": dataclasses.asdict(cfg), "threat": victims.threat(v),
          "n_defender": len(v.defender_x)}
   t0 = time.perf_counter()
-  sh = shield.fit(v, plan.shield)
+  sh = _shield_for(v, plan, workdir)
   rec["shield_fit_s"] = time.perf_counter() - t0
   rec["shield"] = shield_record(sh, v)
   x_att, _ = v.attack_set()
@@ -146,10 +159,10 @@ def fixed_point_sweep(sh: shield.Shield, v: victims.Victim, x_val, x_trig, bits)
 
 def adaptive_run(dataset: str, plan: Plan, workdir: str | None, progress: bool) -> dict:
   """The adaptive attacker against the patch victim of ``dataset``."""
-  cfg = victims.VictimConfig(dataset=dataset, trigger="patch", rate=plan.rates[0],
-                             steps=plan.steps[dataset], seed=plan.seeds[0])
+  cfg = victims.VictimConfig(dataset=dataset, model=plan.model, trigger="patch",
+                             rate=plan.rates[0], steps=plan.steps[dataset], seed=plan.seeds[0])
   v = victims.build(cfg, workdir=workdir, progress=progress)
-  sh = shield.fit(v, plan.shield)
+  sh = _shield_for(v, plan, workdir)
   trig, hist = adaptive.adaptive_trigger(v, sh, plan.adaptive)
   x_att, _ = v.attack_set()
   before = shield.evaluate(sh, v, trig(x_att))
@@ -217,7 +230,8 @@ def run(plan: Plan, outdir: str, mode: str, progress: bool = True) -> dict:
   todo = [(ds, t, r, s) for ds in plan.datasets for t in plan.triggers for r in plan.rates
           for s in plan.seeds]
   for ds, t, r, s in tqdm(todo, desc="cleann victims", disable=not progress):
-    cfg = victims.VictimConfig(dataset=ds, trigger=t, rate=r, steps=plan.steps[ds], seed=s)
+    cfg = victims.VictimConfig(dataset=ds, model=plan.model, trigger=t, rate=r,
+                               steps=plan.steps[ds], seed=s)
     try:
       runs.append(cache.get(cfg.tag, lambda: victim_run(cfg, plan, workdir, progress)))
     except FileNotFoundError as e:   # a dataset missing on this machine
@@ -229,11 +243,12 @@ def run(plan: Plan, outdir: str, mode: str, progress: bool = True) -> dict:
     adapt.append(cache.get(f"adaptive_{ds}", lambda: adaptive_run(ds, plan, workdir, progress)))
 
   def bench():
-    v = victims.build(victims.VictimConfig(dataset=plan.datasets[0], trigger="patch",
+    v = victims.build(victims.VictimConfig(dataset=plan.datasets[0], model=plan.model,
+                                           trigger="patch",
                                            rate=plan.rates[0], steps=plan.steps[plan.datasets[0]],
                                            seed=plan.seeds[0]), workdir=workdir,
                       progress=progress)
-    sh = shield.fit(v, plan.shield)
+    sh = _shield_for(v, plan, workdir)
     from secure.cleann import analyzers
     p = np.asarray(analyzers.dct_patches(v.ds.x_test, sh.input.patch)).reshape(
         -1, sh.input.patch.size ** 2)
