@@ -1,7 +1,7 @@
 """CLEANN: backdoored victims, the sparse-recovery shield, STRIP and Neural
 Cleanse, the adaptive attacker, the fixed-point datapath and the FPGA model.
 
-  python -m experiments.cleann                 # quick mode (~3 minutes)
+  python -m experiments.cleann                 # quick mode (~1.5 minutes, MLP victims)
   python -m experiments.cleann --full          # full mode (about an hour)
   python -m experiments.cleann --full --rates=0.05 --triggers=patch,blend
 
