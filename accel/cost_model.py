@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 from accel.program import Op
+from core.sourced import Const
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +60,6 @@ def count_ops(ops: tuple[Op, ...], input_shape: tuple[int, ...], params: dict) -
     elif kind == "flatten":
       shape = (math.prod(shape),)
   return OpCounts(macs, macs, adds, searches, pool, tuple(layers))
-
-
-@dataclasses.dataclass(frozen=True)
-class Const:
-  value: float
-  unit: str
-  source: str
 
 
 # Horowitz, "Computing's energy problem", ISSCC 2014, 45 nm, 0.9 V.

@@ -25,12 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-
-@dataclasses.dataclass(frozen=True)
-class Const:
-  value: float
-  unit: str
-  source: str
+from core.sourced import Const
 
 
 DEVICE = {
