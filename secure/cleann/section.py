@@ -38,8 +38,9 @@ def render(res: dict, outdir: str) -> report.Section:
   runs, parts = res["runs"], []
   plan = res["plan"]
   parts.append(
-      f"Backdoored {plan.get('model', 'cnn').upper()} victims (all-to-one, target class 0), trained on "
-      "poisoned data with the "
+      # Records from before Plan had a model field are CNN victims.
+      f"Backdoored {plan.get('model', 'cnn').upper()} victims (all-to-one, target class 0), "
+      "trained on poisoned data with the "
       "defender's benign images held out; every metric on the held-out test split (clean "
       "images, and the triggered versions of its non-target images). The defender sees "
       f"{runs[0]['n_defender'] if runs else '?'} unlabelled training images: 2/3 fit the "
