@@ -60,8 +60,8 @@ def render(res: dict, outdir: str) -> report.Section:
       s, st, nc = r["shield"][k], r["strip"][k], r["nc"][k]
       rows.append([_name(r), f"{100 * f:g}%", _pm(s["tpr"], na), f"{s['fpr_test']:.1f}",
                    _pm(s["ra"], na), f"{s['asr_after']:.1f}", f"{s['c_acc_after']:.1f}",
-                   f"{st['tpr']:.1f}", f"{st['asr_after']:.1f}",
-                   f"{nc['tpr']:.1f}", f"{nc['asr_after']:.1f}"])
+                   _pm(st["tpr"], na), f"{st['asr_after']:.1f}",
+                   _pm(nc["tpr"], na), f"{nc['asr_after']:.1f}"])
   parts.append(
       "**CLEANN vs STRIP and Neural Cleanse at fixed FPR** (threshold set on the defender's "
       "validation images; 'FPR test' is what it gives on the clean test images). CLEANN "
