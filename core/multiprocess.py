@@ -66,7 +66,8 @@ class PortTakenError(WorkerError):
 
 def launch(target: str, num_processes: int, *, local_devices: int = 1,
            args: dict | None = None, timeout: float = 120.0,
-           extra_env: dict[str, str] | None = None, port_attempts: int = 3) -> list[Any]:
+           extra_env: dict[str, str] | None = None, port_attempts: int = 3,
+           cpus: list[set[int]] | None = None) -> list[Any]:
   """Runs ``target(**args)`` in ``num_processes`` coordinated JAX processes and
   returns their results in process order. Raises WorkerError on the first
   failure and TimeoutError past ``timeout`` seconds, killing all workers. A
@@ -78,6 +79,11 @@ def launch(target: str, num_processes: int, *, local_devices: int = 1,
                      f"{num_processes}, {local_devices}")
   if ":" not in target:
     raise ValueError(f"target must be 'module:function', got {target!r}")
+  if cpus is not None:
+    have = os.sched_getaffinity(0)
+    if len(cpus) != num_processes or any(not c or not set(c) <= have for c in cpus):
+      raise ValueError(f"cpus must give each of the {num_processes} workers a non-empty set "
+                       f"of this machine's cores {sorted(have)}, got {cpus}")
   if port_attempts < 1:
     raise ValueError(f"port_attempts must be >= 1, got {port_attempts}")
   tmp = tempfile.mkdtemp(prefix="mp_launch_")
@@ -88,7 +94,7 @@ def launch(target: str, num_processes: int, *, local_devices: int = 1,
     for attempt in range(port_attempts):
       try:
         return _launch_once(target, num_processes, local_devices, args_path, timeout,
-                            extra_env, free_port(), os.path.join(tmp, f"try{attempt}"))
+                            extra_env, free_port(), os.path.join(tmp, f"try{attempt}"), cpus)
       except PortTakenError:
         if attempt == port_attempts - 1:
           raise
@@ -99,7 +105,7 @@ def launch(target: str, num_processes: int, *, local_devices: int = 1,
 
 def _launch_once(target: str, num_processes: int, local_devices: int, args_path: str,
                  timeout: float, extra_env: dict[str, str] | None, port: int,
-                 tmp: str) -> list[Any]:
+                 tmp: str, cpus: list[set[int]] | None = None) -> list[Any]:
   os.makedirs(tmp)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   procs, logs = [], []
@@ -113,6 +119,8 @@ def _launch_once(target: str, num_processes: int, local_devices: int, args_path:
            str(num_processes), str(i), str(local_devices), args_path,
            os.path.join(tmp, f"result_{i}.pkl")]
     with open(log, "w") as out:
+      if cpus:
+        env[_CPUS_ENV] = ",".join(map(str, sorted(cpus[i])))
       procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                     cwd=root, start_new_session=True))
   deadline = time.monotonic() + timeout
@@ -141,9 +149,15 @@ def _launch_once(target: str, num_processes: int, local_devices: int, args_path:
   return results
 
 
+_CPUS_ENV = "CORE_MULTIPROCESS_CPUS"
+
+
 def _worker_main(target: str, coordinator: str, num_processes: str, process_id: str,
                  local_devices: str, args_path: str, result_path: str) -> None:
   import importlib
+  if os.environ.get(_CPUS_ENV):
+    # Before JAX starts any thread, so XLA's thread pools inherit the affinity.
+    os.sched_setaffinity(0, {int(c) for c in os.environ[_CPUS_ENV].split(",")})
 
   import jax
   jax.config.update("jax_num_cpu_devices", int(local_devices))

@@ -71,12 +71,20 @@ def _omp_one(xy_K, x_norm2, gram_KxK, k: int, tol, q_factor=_identity, q_coef=_i
   return jnp.zeros(n_atoms, xy_K.dtype).at[idx].add(jnp.where(active, gamma, 0.0))
 
 
-@functools.partial(jax.jit, static_argnames=("n_nonzero",))
-def _omp(x_NxF, d_KxF, n_nonzero: int, tol):
+def omp_traced(x_NxF, d_KxF, n_nonzero: int, tol=-1.0) -> jax.Array:
+  """``omp`` without checks, chunking or jit, for use inside a traced function
+  (jit, vmap, shard_map, grad-free paths): codes (N, K) of the rows of ``x``;
+  ``tol`` < 0 means fixed sparsity."""
   gram = d_KxF @ d_KxF.T
   xy = x_NxF @ d_KxF.T
   norms = jnp.sum(x_NxF * x_NxF, axis=1)
-  return jax.vmap(_omp_one, in_axes=(0, 0, None, None, None))(xy, norms, gram, n_nonzero, tol)
+  return jax.vmap(_omp_one, in_axes=(0, 0, None, None, None))(
+      xy, norms, gram, n_nonzero, jnp.asarray(tol, x_NxF.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("n_nonzero",))
+def _omp(x_NxF, d_KxF, n_nonzero: int, tol):
+  return omp_traced(x_NxF, d_KxF, n_nonzero, tol)
 
 
 def _check_signals(x, d) -> tuple[np.ndarray | jax.Array, np.ndarray | jax.Array]:

@@ -39,6 +39,6 @@ def test_mahalanobis_matches_sklearn_tied_covariance():
 def test_magnet_reconstructs_digits_better_than_noise():
   ds = data.load("digits")
   mag = peers.fit_magnet(lambda x: jnp.zeros((len(x), 10)), ds.x_train,
-                         peers.MagNetConfig(hidden=32, steps=300))
+                         peers.MagNetConfig(steps=1000))
   noise = np.random.default_rng(0).random((50, 8, 8, 1)).astype(np.float32)
   assert np.median(mag.score(ds.x_test[:50])) < 0.5 * np.median(mag.score(noise))

@@ -11,6 +11,7 @@ Shares the sparse-coding module with CLEANN.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -29,6 +30,12 @@ class InputDefenderConfig:
   max_patches: int = 10000
 
 
+@functools.lru_cache(maxsize=None)
+def _denoise_fn(patch: analyzers.PatchConfig, n_nonzero: int):
+  from secure.curtail import modules
+  return jax.jit(functools.partial(modules.denoise, patch=patch, n_nonzero=n_nonzero))
+
+
 @dataclasses.dataclass(frozen=True)
 class InputDefender:
   dictionaries: np.ndarray        # (C, K, size*size), pixel domain, unit-norm atoms
@@ -44,16 +51,11 @@ class InputDefender:
       raise ValueError(f"{len(x)} images but {len(labels)} labels")
     if labels.size and (labels.min() < 0 or labels.max() >= len(self.dictionaries)):
       raise ValueError(f"labels must lie in [0, {len(self.dictionaries)})")
-    out = np.empty_like(x)
-    p = analyzers.patches(x, self.patch)
-    n, np_, s = p.shape
-    for c in np.unique(labels):
-      idx = np.flatnonzero(labels == c)
-      pc = p[idx].reshape(-1, s)
-      codes = sparse.omp(pc, self.dictionaries[c], self.n_nonzero)
-      rec = (codes @ jnp.asarray(self.dictionaries[c])).reshape(len(idx), np_, s)
-      out[idx] = np.asarray(analyzers.assemble(rec, x.shape[1:3], self.patch))
-    return np.clip(out, 0.0, 1.0)
+    fn = _denoise_fn(self.patch, self.n_nonzero)
+    d = jnp.asarray(self.dictionaries, jnp.float32)
+    return np.concatenate([np.asarray(fn(d, jnp.asarray(x[i:i + 500]),
+                                         jnp.asarray(labels[i:i + 500])))
+                           for i in range(0, len(x), 500)]) if len(x) else x.copy()
 
   def score(self, x, labels, logits_fn: Callable) -> np.ndarray:
     """Minus the victim's log-probability of ``labels`` on the denoised inputs."""

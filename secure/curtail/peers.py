@@ -79,10 +79,10 @@ class FeatureSqueezing:
 
 @dataclasses.dataclass(frozen=True)
 class MagNetConfig:
-  hidden: int = 64
-  steps: int = 1000
+  channels: int = 3         # Meng & Chen's MNIST auto-encoder: 3x3 convs with 3 filters
+  steps: int = 2000
   batch: int = 64
-  lr: float = 1e-3
+  lr: float = 3e-3
   noise: float = 0.1        # denoising auto-encoder: Gaussian noise on its inputs
   seed: int = 0
 
@@ -97,27 +97,49 @@ class MagNet:
     return _ae(self.params, x)
 
   def score(self, x) -> np.ndarray:
-    """Mean squared reconstruction error per image (the detector)."""
-    x = jnp.asarray(x, jnp.float32)
-    return np.asarray(jnp.mean((self.reconstruct(x) - x).reshape(len(x), -1) ** 2, -1))
+    """Mean absolute reconstruction error per image (the detector; L1 is
+    Meng & Chen's MNIST detector)."""
+    return np.asarray(magnet_score(self.params, jnp.asarray(x, jnp.float32)))
 
   def reform(self, x) -> np.ndarray:
     """The victim's labels on the reconstructions (the reformer)."""
     return np.asarray(self.logits_fn(self.reconstruct(x)).argmax(-1))
 
 
-def _ae(p, x):
-  h = jax.nn.sigmoid(x.reshape(x.shape[0], -1) @ p["enc"]["kernel"] + p["enc"]["bias"])
-  return jax.nn.sigmoid(h @ p["dec"]["kernel"] + p["dec"]["bias"]).reshape(x.shape)
+def magnet_score(params, x) -> jax.Array:
+  """Traceable detector score: mean |AE(x) - x| per image."""
+  return jnp.mean(jnp.abs(_ae(params, x) - x).reshape(x.shape[0], -1), -1)
+
+
+_AE_LAYERS = ("enc0", "enc1", "dec0", "dec1", "out")
+
+
+def _ae(p, x_NxHxWxC):
+  """MagNet's MNIST auto-encoder (Meng & Chen 2017, Table 1): sigmoid 3x3
+  convs, 2x2 average pooling, convs, 2x2 upsampling, convs back to the
+  input's channels (odd sides are padded to even and cropped back)."""
+  from core.models.cnn import conv2d
+  n, h, w, c = x_NxHxWxC.shape
+  z = jnp.pad(x_NxHxWxC, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+  z = jax.nn.sigmoid(conv2d(z, **p["enc0"]))
+  z = z.reshape(n, z.shape[1] // 2, 2, z.shape[2] // 2, 2, -1).mean((2, 4))
+  z = jax.nn.sigmoid(conv2d(z, **p["enc1"]))
+  z = jax.nn.sigmoid(conv2d(z, **p["dec0"]))
+  z = jnp.repeat(jnp.repeat(z, 2, axis=1), 2, axis=2)
+  z = jax.nn.sigmoid(conv2d(z, **p["dec1"]))
+  return jax.nn.sigmoid(conv2d(z, **p["out"]))[:, :h, :w]
 
 
 def fit_magnet(logits_fn: Callable, x_train, cfg: MagNetConfig = MagNetConfig()) -> MagNet:
   x = np.asarray(x_train, np.float32)
-  d = int(np.prod(x.shape[1:]))
-  k1, k2 = jax.random.split(jax.random.key(cfg.seed))
-  p = {"enc": {"kernel": layers.normal_init(k1, (d, cfg.hidden), d), "bias": jnp.zeros(cfg.hidden)},
-       "dec": {"kernel": layers.normal_init(k2, (cfg.hidden, d), cfg.hidden),
-               "bias": jnp.zeros(d)}}
+  if x.ndim != 4:
+    raise ValueError(f"MagNet takes images (N, H, W, C), got {x.shape}")
+  k = cfg.channels
+  shapes = {"enc0": (x.shape[-1], k), "enc1": (k, k), "dec0": (k, k), "dec1": (k, k),
+            "out": (k, x.shape[-1])}
+  keys = jax.random.split(jax.random.key(cfg.seed), len(shapes))
+  p = {name: {"kernel": layers.normal_init(kk, (3, 3, ci, co), 9 * ci), "bias": jnp.zeros(co)}
+       for kk, (name, (ci, co)) in zip(keys, shapes.items())}
   opt = optax.adam(cfg.lr)
 
   @jax.jit
