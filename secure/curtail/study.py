@@ -61,7 +61,7 @@ class Plan:
   throughput_images: int = 512
   throughput_rounds: int = 3
   bench_images: int = 200
-  bench_reps: int = 3
+  bench_reps: int = 2              # foolbox's CW runs eagerly: minutes per call
   bench_attacks: tuple[str, ...] = ("fgsm", "pgd_linf", "deepfool", "cw_l2")
 
 
