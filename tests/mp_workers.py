@@ -54,3 +54,9 @@ def tp_logits(params: dict, tokens: np.ndarray, cfg_kwargs: dict, drop: tuple,
     outs.append(np.asarray(logits.addressable_data(0)))
   return {"prefill": np.asarray(prefill.addressable_data(0)),
           "decode": np.concatenate(outs, axis=1), "devices": jax.device_count()}
+
+
+def affinity() -> dict:
+  """The cores this worker may run on."""
+  import os
+  return {"process_index": jax.process_index(), "cpus": sorted(os.sched_getaffinity(0))}

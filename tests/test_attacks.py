@@ -171,3 +171,42 @@ def test_cw_agrees_with_foolbox():
   _agree(fb.attacks.L2CarliniWagnerAttack(binary_search_steps=6, steps=200, stepsize=0.01,
                                           initial_const=1.0), m, xj, yj, attacks.cw_l2(f, x, y),
          0.15)
+
+
+def test_gradient_sign_is_exact_on_a_confidently_classified_input():
+  # logits scaled so p_y = 1 to float32 precision: the textbook CE gradient
+  # p - onehot loses the -grad z_y term there; the float64 reference keeps it.
+  scale = 40.0
+  big = jax.jit(lambda x: scale * logits(x))
+  x = (0.5 + 0.1 * _RNG.standard_normal((400, 4, 4, 1))).astype(np.float32)
+  z = scale * (x.reshape(len(x), -1).astype(np.float64) @ W + B)
+  margin = np.sort(z, 1)[:, -1] - np.sort(z, 1)[:, -2]
+  # saturated in float32 (1 - p_y < eps) yet with gradients that do not underflow
+  x, z = x[(margin > 20) & (margin < 80)][:16], z[(margin > 20) & (margin < 80)][:16]
+  assert len(x) == 16
+  y = z.argmax(1).astype(np.int32)
+  lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+  p = np.exp(z - lse[:, None])
+  others = p.copy()
+  others[np.arange(16), y] = 0
+  dz = others - others.sum(1, keepdims=True) * np.eye(C)[y]       # p - onehot, exactly
+  g = scale * dz @ W.T.astype(np.float64)
+  step = attacks.fgsm(big, x, y, 0.05).x_adv - x
+  np.testing.assert_array_equal(np.sign(step.reshape(16, -1)), np.sign(g))
+
+
+def test_pgd_agrees_with_foolbox():
+  fb, f, x, y, m, xj, yj = _foolbox_setup()
+  eps = 0.1
+  _, adv, ok = fb.attacks.LinfPGD(abs_stepsize=eps / 40 * 2.5, steps=40, random_start=True)(
+      m, xj, yj, epsilons=eps)
+  ours = attacks.pgd(f, x, y, eps, steps=40)
+  ok = np.asarray(ok)
+  assert abs(ours.success.mean() - ok.mean()) <= 0.06
+  theirs = np.abs(np.asarray(adv) - x).reshape(len(x), -1).max(1)
+  both = ours.success & ok
+  assert np.median(ours.linf[both]) == pytest.approx(np.median(theirs[both]), rel=0.02)
+  _, adv, ok = fb.attacks.L2PGD(abs_stepsize=1.0 / 40 * 2.5, steps=40, random_start=True)(
+      m, xj, yj, epsilons=1.0)
+  ours = attacks.pgd(f, x, y, 1.0, steps=40, norm="l2")
+  assert abs(ours.success.mean() - np.asarray(ok).mean()) <= 0.06
