@@ -111,9 +111,6 @@ def magnet_score(params, x) -> jax.Array:
   return jnp.mean(jnp.abs(_ae(params, x) - x).reshape(x.shape[0], -1), -1)
 
 
-_AE_LAYERS = ("enc0", "enc1", "dec0", "dec1", "out")
-
-
 def _ae(p, x_NxHxWxC):
   """MagNet's MNIST auto-encoder (Meng & Chen 2017, Table 1): sigmoid 3x3
   convs, 2x2 average pooling, convs, 2x2 upsampling, convs back to the

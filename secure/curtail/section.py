@@ -10,7 +10,7 @@ import numpy as np
 
 from core import report
 from secure import detection, sparse
-from secure.curtail import adaptive, defences, input_defender, latent, study
+from secure.curtail import adaptive, defences, input_defender, latent, peers, study
 
 FULL = study.Plan()
 # Quick mode is a smoke check of every part in about a minute and a half: the
@@ -20,7 +20,7 @@ QUICK = study.Plan(
     n_clean=500, eps_linf=(0.02, 0.05, 0.1, 0.2), eps_l2=(0.5, 1.5, 3.0), n_profile=100,
     attacks=dict(study.ATTACKS) | {"cw_l2": ("cw_l2", {"binary_steps": 4, "steps": 60})},
     defences=defences.CurtailConfig(
-        latent=latent.LatentConfig(steps=500),
+        latent=latent.LatentConfig(steps=500), magnet=peers.MagNetConfig(steps=600),
         input=input_defender.InputDefenderConfig(
             images_per_class=100, dictionary=sparse.DictConfig(n_atoms=64, n_nonzero=4,
                                                                iters=4))),
@@ -127,6 +127,8 @@ def _victim_tables(r: dict, fig_dir: str, outdir: str) -> list[str]:
 
 
 def _throughput(t: dict) -> list[str]:
+  if "skipped" in t:
+    return [f"Defender throughput: {t['skipped']}."]
   rows = [("1 process, 1 core, modules in turn (baseline)", t["baseline"]["images_per_s"], 1.0,
            t["baseline"]["cold_s"]),
           ("1 process, 1 core, two halves fused, in turn", t["same_work_one_core"]["images_per_s"],

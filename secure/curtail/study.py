@@ -58,7 +58,7 @@ class Plan:
   adaptive: adaptive.AdaptiveConfig = adaptive.AdaptiveConfig()
   adaptive_on: tuple[tuple[str, str], ...] = (("mnist5k", "mlp"), ("mnist5k", "cnn"))
   n_adaptive: int = 300
-  throughput_images: int = 512
+  throughput_images: int = 512   # 0: no throughput measurement
   throughput_rounds: int = 3
   bench_images: int = 200
   bench_reps: int = 2              # foolbox's CW runs eagerly: minutes per call
@@ -251,6 +251,10 @@ def run(plan: Plan, outdir: str, mode: str, progress: bool = True) -> dict:
                                                     for k in plan.bench_attacks},
                                 reps=plan.bench_reps)
 
-  return {"runs": runs, "skipped": skipped, "throughput": cache.get("throughput", tput),
-          "attack_benchmark": cache.get("attack_benchmark", bench),
+  no = lambda why: (lambda: {"skipped": why})
+  return {"runs": runs, "skipped": skipped,
+          "throughput": cache.get("throughput", tput if plan.throughput_images and runs
+                                  else no("not in this plan")),
+          "attack_benchmark": cache.get("attack_benchmark", bench if plan.bench_attacks and runs
+                                        else no("not in this plan")),
           "plan": dataclasses.asdict(plan)}
