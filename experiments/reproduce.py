@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from accel import section as rapidnn_section
 from core import baselines, report
 from secure.cleann import section as cleann_section
+from secure.curtail import section as curtail_section
 from spd_jax import latency_report, study
 from subclone import section as subclone_section
 
@@ -26,6 +27,7 @@ SECTIONS: list[tuple[str, report.SectionFn]] = [
     ("subclone", subclone_section.section),
     ("rapidnn", rapidnn_section.section),
     ("cleann", cleann_section.section),
+    ("curtail", curtail_section.section),
 ]
 
 

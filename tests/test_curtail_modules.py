@@ -133,8 +133,8 @@ def test_adaptive_attacker_output_is_what_it_claims():
   logits = jax.jit(lambda a: mlp.apply(params, a, CFG))
   keep = np.asarray(logits(x).argmax(-1)) == y
   xs, ys = x[keep][:20], y[keep][:20]
-  d = defences.Defence("curtail", spec.names,
-                       lambda a, bpda=False: modules.scores_traced(spec, arr, a, bpda))
+  d = defences.Defence("curtail", spec.names, defences._curtail_fn(spec), arr, has_bpda=True,
+                       spec=spec)
   val = d.scores(x[100:])
   thr = defences.thresholds_at(val, 0.05)
   eps = 0.2

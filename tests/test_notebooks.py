@@ -68,8 +68,27 @@ def _check_cleann_tour(out: str) -> None:
   assert 0 <= _floats(r"STRIP TPR at 5% FPR: ([\d.]+)%", out)[0] <= 100
 
 
+def _check_curtail_tour(out: str) -> None:
+  assert _floats(r"victim test accuracy ([\d.]+)%", out)[0] > 90
+  rows = {(a, d): (float(s), float(auc), float(res)) for a, s, d, auc, res in re.findall(
+      r"(\w+): success (\d+)%, (\w+) AUC ([\d.]+), TPR [\d.]+% at 5% FPR \(clean test FPR "
+      r"[\d.]+%\), residual ([\d.]+)%", out)}
+  assert len(rows) == 8
+  s, auc, res = rows[("deepfool", "curtail")]
+  assert s > 95 and auc > 0.95 and res < 10      # minimal perturbations: caught
+  for (a, d), (s, auc, res) in rows.items():
+    assert res <= s                               # residual counts a subset of the successes
+  assert _floats(r"true label back on (\d+)%", out)[0] > 80
+  diff = _floats(r"max \|sharded - in turn\| = ([\d.e+-]+)", out)[0]
+  assert diff < 1e-5 * _floats(r"scores up to (\d+)", out)[0]   # float32 reassociation only
+  # knowing the defence, the attacker does at least as well as FGSM not knowing it
+  adaptive = _floats(r"residual attack success (\d+)% against CuRTAIL", out)[0]
+  assert rows[("fgsm", "curtail")][2] - 5 <= adaptive <= 100
+
+
 CHECKS = {"spd_tour": _check_spd_tour, "rapidnn_tour": _check_rapidnn_tour,
-          "subclone_tour": _check_subclone_tour, "cleann_tour": _check_cleann_tour}
+          "subclone_tour": _check_subclone_tour, "cleann_tour": _check_cleann_tour,
+          "curtail_tour": _check_curtail_tour}
 
 
 def test_every_notebook_has_checks():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,21 +45,27 @@ class CurtailConfig:
 class Defence:
   name: str
   modules: tuple[str, ...]
-  traced: Callable[..., jax.Array]    # (x, bpda=False) -> (N, M), traceable
+  fn: Callable[..., jax.Array]        # (params, x, bpda) -> (N, M), pure and traceable
+  params: Any                         # its arrays: arguments, not constants baked into a jit
   fit_s: float = 0.0
-  spec_arrays: tuple | None = None    # CuRTAIL's (Spec, arrays), for the sharded runs
+  has_bpda: bool = False              # bpda=True swaps a non-differentiable step for identity
+  spec: modules.Spec | None = None    # CuRTAIL's, for the sharded runs (params = its arrays)
+
+  def traced(self, x, bpda: bool = False) -> jax.Array:
+    return self.fn(self.params, x, bpda)
 
   def scores(self, x, batch: int = 500) -> np.ndarray:
-    fn = _jitted(self.traced)
-    return modules.batched(fn, x, batch).reshape(len(x), len(self.modules))
+    fn = _jitted(self.fn)
+    return modules.batched(lambda xb: fn(self.params, xb, False), x, batch).reshape(
+        len(x), len(self.modules))
 
   def as_dict(self, s_NxM: np.ndarray) -> dict[str, np.ndarray]:
     return {m: s_NxM[:, i] for i, m in enumerate(self.modules)}
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted(traced: Callable) -> Callable:
-  return jax.jit(traced)
+def _jitted(fn: Callable) -> Callable:
+  return jax.jit(fn, static_argnums=2)
 
 
 def _curtail(v: Victim, cfg: CurtailConfig) -> Defence:
@@ -68,47 +74,53 @@ def _curtail(v: Victim, cfg: CurtailConfig) -> Defence:
                      dataclasses.replace(cfg.latent, layer=l)) for l in cfg.latent_layers]
   inp = input_defender.fit(v.x_train, v.y_train, v.model_config.num_classes, cfg.input)
   spec = modules.spec_of(v.cfg.model, v.model_config, lats, inp)
-  arr = modules.arrays(v.params, lats, inp)
-  fn = lambda x, bpda=False: modules.scores_traced(spec, arr, x, bpda)
-  return Defence("curtail", spec.names, fn, time.perf_counter() - t0, (spec, arr))
+  return Defence("curtail", spec.names, _curtail_fn(spec), modules.arrays(v.params, lats, inp),
+                 time.perf_counter() - t0, has_bpda=True, spec=spec)
+
+
+@functools.lru_cache(maxsize=16)
+def _curtail_fn(spec: modules.Spec) -> Callable:
+  return functools.partial(modules.scores_traced, spec)
 
 
 def _mahalanobis(v: Victim, cfg: CurtailConfig) -> Defence:
   t0 = time.perf_counter()
-  model, mcfg, params = v.cfg.model, v.model_config, v.params
-  feats = lambda x: CLASSIFIERS[model].features(params, x, mcfg, layer=cfg.mahalanobis_layer)
-  m = peers.fit_mahalanobis(lambda x: modules.batched(jax.jit(feats), x), v.x_train, v.y_train,
-                            mcfg.num_classes)
-  means, prec = jnp.asarray(m.class_means, jnp.float32), jnp.asarray(m.precision, jnp.float32)
+  model, mcfg, layer = v.cfg.model, v.model_config, cfg.mahalanobis_layer
+  feats = jax.jit(lambda p, x: CLASSIFIERS[model].features(p, x, mcfg, layer=layer))
+  m = peers.fit_mahalanobis(lambda x: modules.batched(functools.partial(feats, v.params), x),
+                            v.x_train, v.y_train, mcfg.num_classes)
 
-  def fn(x, bpda=False):
-    d = feats(x)[:, None] - means[None]
-    return jnp.min(jnp.einsum("ncf,fg,ncg->nc", d, prec, d), axis=1)[:, None]
-  return Defence("mahalanobis", ("mahalanobis",), fn, time.perf_counter() - t0)
+  def fn(p, x, bpda=False):
+    d = CLASSIFIERS[model].features(p["victim"], x, mcfg, layer=layer)[:, None] - p["means"][None]
+    return jnp.min(jnp.einsum("ncf,fg,ncg->nc", d, p["prec"], d), axis=1)[:, None]
+  params = {"victim": v.params, "means": jnp.asarray(m.class_means, jnp.float32),
+            "prec": jnp.asarray(m.precision, jnp.float32)}
+  return Defence("mahalanobis", ("mahalanobis",), fn, params, time.perf_counter() - t0)
+
+
+def _magnet_fn(p, x, bpda=False):
+  return peers.magnet_score(p, x)[:, None]
 
 
 def _magnet(v: Victim, cfg: CurtailConfig) -> Defence:
   t0 = time.perf_counter()
   mg = peers.fit_magnet(v.logits_fn, v.x_train, cfg.magnet)
-  p = mg.params
-
-  def fn(x, bpda=False):
-    return peers.magnet_score(p, x)[:, None]
-  return Defence("magnet", ("magnet",), fn, time.perf_counter() - t0)
+  return Defence("magnet", ("magnet",), _magnet_fn, mg.params, time.perf_counter() - t0)
 
 
 def _feature_squeezing(v: Victim, cfg: CurtailConfig) -> Defence:
-  model, mcfg, params = v.cfg.model, v.model_config, v.params
-  logits = lambda x: CLASSIFIERS[model].apply(params, x, mcfg)
+  model, mcfg, bits = v.cfg.model, v.model_config, cfg.fs_bits
 
-  def fn(x, bpda=False):
-    sq = peers.bit_depth(x, cfg.fs_bits)
+  def fn(p, x, bpda=False):
+    logits = lambda a: CLASSIFIERS[model].apply(p, a, mcfg)
+    sq = peers.bit_depth(x, bits)
     if bpda:   # rounding has zero gradient: straight-through
       sq = x + jax.lax.stop_gradient(sq - x)
-    p = jax.nn.softmax(logits(x), -1)
-    d = [jnp.abs(p - jax.nn.softmax(logits(s), -1)).sum(-1) for s in (sq, peers.median_2x2(x))]
+    prob = jax.nn.softmax(logits(x), -1)
+    d = [jnp.abs(prob - jax.nn.softmax(logits(s), -1)).sum(-1)
+         for s in (sq, peers.median_2x2(x))]
     return jnp.maximum(*d)[:, None]
-  return Defence("feature_squeezing", ("feature_squeezing",), fn)
+  return Defence("feature_squeezing", ("feature_squeezing",), fn, v.params, has_bpda=True)
 
 
 BUILDERS = {"curtail": _curtail, "mahalanobis": _mahalanobis, "magnet": _magnet,

@@ -24,7 +24,7 @@ from core.cache import RunCache
 from secure import attacks, detection
 from secure.curtail import adaptive, defences, modules, mrr, parallel, victims
 
-CODE_VERSION = "curtail-1"
+CODE_VERSION = "curtail-2"
 
 # label -> (attack in secure.attacks, keyword arguments); JSMA's target is a
 # random other class (seeded).
@@ -48,16 +48,16 @@ class Plan:
                                                            "fashion_mnist": 4000})
   seed: int = 1
   attacks: dict = dataclasses.field(default_factory=lambda: dict(ATTACKS))
-  n_attack: int = 500            # correctly classified test images attacked
-  n_jsma: int = 300              # JSMA is the slowest attack (pixel-pair saliency)
+  n_attack: int = 400            # correctly classified test images attacked
+  n_jsma: int = 200              # JSMA is the slowest attack (pixel-pair saliency)
   n_clean: int = 1000            # clean test images for the false-positive rate
   eps_linf: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
   eps_l2: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
-  n_profile: int = 300
+  n_profile: int = 200
   defences: defences.CurtailConfig = defences.CurtailConfig()
   adaptive: adaptive.AdaptiveConfig = adaptive.AdaptiveConfig()
   adaptive_on: tuple[tuple[str, str], ...] = (("mnist5k", "mlp"), ("mnist5k", "cnn"))
-  n_adaptive: int = 300
+  n_adaptive: int = 200
   throughput_images: int = 512   # 0: no throughput measurement
   throughput_rounds: int = 3
   bench_images: int = 200
@@ -112,7 +112,7 @@ def profile(v: victims.Victim, plan: Plan, cur: defences.Defence, minimal: dict)
     grid = plan.eps_l2 if kw.get("norm") == "l2" else plan.eps_linf
     sweep[lbl] = [{"eps": e, "success": 100 * float(run_attack(
         v, lbl, x, y, (name, dict(kw, eps=e))).success.mean()), "n": len(x)} for e in grid]
-  spec, arr = cur.spec_arrays
+  spec, arr = cur.spec, cur.params
   lat = arr["latent"][-1]
   layer = spec.latent_layers[-1]
   import jax.numpy as jnp
@@ -240,7 +240,7 @@ def run(plan: Plan, outdir: str, mode: str, progress: bool = True) -> dict:
   def tput():
     v = first_victim()
     cur = _defences_for(v, plan, workdir)["curtail"]
-    spec, arr = cur.spec_arrays
+    spec, arr = cur.spec, cur.params
     return parallel.throughput(spec, arr, v.x_test[:plan.throughput_images],
                                rounds=plan.throughput_rounds)
 
