@@ -184,10 +184,11 @@ def render(res: dict, outdir: str) -> report.Section:
   for r in res["runs"]:
     parts += _victim_tables(r, fig_dir, outdir)
   if res["runs"]:
+    names = [n for n in NAMES if n in res["plan"].get("defence_names", NAMES)]
     rows = [(f"{r['victim']['dataset']}/{r['victim']['model']}",
-             *[f"{mean_auc(r, n):.3f}" for n in NAMES]) for r in res["runs"]]
+             *[f"{mean_auc(r, n):.3f}" for n in names]) for r in res["runs"]]
     parts.append("Mean AUC over the non-adaptive attacks:\n\n" +
-                 report.markdown_table(["victim", *NAMES.values()], rows))
+                 report.markdown_table(["victim", *(NAMES[n] for n in names)], rows))
   parts += _throughput(res["throughput"])
   parts += _bench(res["attack_benchmark"])
   if res["skipped"]:

@@ -37,6 +37,7 @@ ATTACKS = {
     "cw_l2": ("cw_l2", {"binary_steps": 6, "steps": 200}),
     "jsma": ("jsma", {"gamma": 0.1}),
 }
+ALL_DEFENCES = tuple(defences.BUILDERS)
 FPR = 0.05       # the operating point: OR of the modules flags 5% of clean validation images
 
 
@@ -55,6 +56,7 @@ class Plan:
   eps_l2: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
   n_profile: int = 200
   defences: defences.CurtailConfig = defences.CurtailConfig()
+  defence_names: tuple[str, ...] = ALL_DEFENCES   # CuRTAIL and the peers
   adaptive: adaptive.AdaptiveConfig = adaptive.AdaptiveConfig()
   adaptive_on: tuple[tuple[str, str], ...] = (("mnist5k", "mlp"), ("mnist5k", "cnn"))
   n_adaptive: int = 200
@@ -71,9 +73,9 @@ _DEFENCES: dict = {}   # (victim tag, workdir, defence config) -> fitted defence
 def _defences_for(v: victims.Victim, plan: Plan, workdir: str | None) -> dict:
   """The victim's defences, fitted once per process (the throughput run reuses
   the first victim's)."""
-  key = (v.cfg.tag, workdir, repr(plan.defences))
+  key = (v.cfg.tag, workdir, repr(plan.defences), plan.defence_names)
   if key not in _DEFENCES:
-    _DEFENCES[key] = defences.fit(v, plan.defences)
+    _DEFENCES[key] = defences.fit(v, plan.defences, names=plan.defence_names)
   return _DEFENCES[key]
 
 
