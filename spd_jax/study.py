@@ -45,8 +45,10 @@ class StudyConfig:
   budget: float = 0.01  # relative cloze-accuracy regression allowed
 
 
+# Quick mode smoke-checks TP 2 and 8 (the full study adds 4): the main job has to fit
+# every method's section in 20 minutes on two cores.
 QUICK = StudyConfig(lm.LMConfig(d_model=128, n_layers=4, n_heads=8, d_ff=256, max_seq_len=128),
-                    train_steps=300, cloze_items=160, eval_windows=32, calib_seqs=48,
+                    train_steps=300, tp_sizes=(2, 8), cloze_items=160, eval_windows=32, calib_seqs=48,
                     b2b=strategies.B2BConfig(steps=50, batch=8), hg_rounds=1)
 FULL = StudyConfig(lm.LMConfig(d_model=192, n_layers=8, n_heads=8, d_ff=512, max_seq_len=128),
                    train_steps=800)
