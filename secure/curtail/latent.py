@@ -61,9 +61,13 @@ class LatentDefender:
   def log_density(self, x, labels) -> np.ndarray:
     """Log-density (up to a shared constant) of each input's reduced features
     under the Gaussian of ``labels`` (the victim's predicted classes)."""
+    labels = np.asarray(labels)
     z = (self.features(x) - self.mean) @ self.components
     d = z - self.class_means[labels]
-    maha = np.einsum("nr,nrs,ns->n", d, self.class_prec[labels], d)
+    maha = np.empty(len(d))
+    for c in np.unique(labels):   # per class: gathering (N, R, R) precisions would not fit
+      i = labels == c
+      maha[i] = np.einsum("nr,rs,ns->n", d[i], self.class_prec[c], d[i])
     return -0.5 * (maha + self.class_logdet[labels])
 
   def score(self, x, labels) -> np.ndarray:
