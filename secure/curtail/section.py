@@ -59,8 +59,8 @@ def _victim_tables(r: dict, fig_dir: str, outdir: str) -> list[str]:
   parts.append(report.markdown_table(["attack", "success %", "median L2", "median L-inf",
                                       "median L0", "time s"], rows, digits=3))
   hdr = ["attack"] + [NAMES[n] for n in names]
-  rows = [[lbl] + [f"{_auc(a['defences'][n])} / {_pm(a['defences'][n].get('tpr'), a['defences'][n]['n_success'])}"
-                   for n in names] for lbl, a in r["attacks"].items()]
+  cell = lambda d: f"{_auc(d)} / {_pm(d.get('tpr'), d['n_success'])}"
+  rows = [[lbl] + [cell(a["defences"][n]) for n in names] for lbl, a in r["attacks"].items()]
   rows.append(["mean AUC"] + [f"{mean_auc(r, n):.3f}" for n in names])
   any_a = next(iter(r["attacks"].values()))["defences"]
   rows.append(["clean FPR % (test)"] + [_pm(any_a[n]["fpr"], any_a[n]["n_clean"]) for n in names])
@@ -84,9 +84,10 @@ def _victim_tables(r: dict, fig_dir: str, outdir: str) -> list[str]:
              _pm(a["residual"], a["n_attacked"]), a["s"]) for n, a in r["adaptive"].items()]
     parts.append("**Adaptive white-box attacker** (each defence attacked knowing it, its "
                  "thresholds and every module; gradients through OMP's projection, and BPDA "
-                 "through OMP and bit-depth rounding; residual = fooled and undetected):\n\n" + report.markdown_table(
-                     ["defence", "AUC", "TPR %", "fooled", "residual attack success %",
-                      "attack s"], rows, digits=3))
+                 "through OMP and bit-depth rounding; residual = fooled and undetected):\n\n"
+                 + report.markdown_table(["defence", "AUC", "TPR %", "fooled",
+                                          "residual attack success %", "attack s"], rows,
+                                         digits=3))
   # Vulnerability profile.
   prof = r["profile"]
   series = {lbl: ([p["eps"] for p in pts], [p["success"] for p in pts],

@@ -117,10 +117,8 @@ def profile(v: victims.Victim, plan: Plan, cur: defences.Defence, minimal: dict)
   spec, arr = cur.spec, cur.params
   lat = arr["latent"][-1]
   layer = spec.latent_layers[-1]
-  import jax.numpy as jnp
   nll = jax.jit(lambda xx, ll: modules.latent_score(spec, lat, layer, xx, ll))
-  nll_np = lambda xx, ll: np.concatenate([np.asarray(nll(jnp.asarray(xx[i:i + 500]),
-                                                         jnp.asarray(ll[i:i + 500])))
+  nll_np = lambda xx, ll: np.concatenate([np.asarray(nll(xx[i:i + 500], ll[i:i + 500]))
                                           for i in range(0, len(xx), 500)])
   train = np.sort(nll_np(v.x_train, v.y_train))
   place = {}
@@ -129,7 +127,8 @@ def profile(v: victims.Victim, plan: Plan, cur: defences.Defence, minimal: dict)
       continue
     pred = v.predict(xa)
     s_pred, s_true = nll_np(xa, pred), nll_np(xa, ya)
-    # share of benign training images less typical of their class than the adversarial point is of its claimed one
+    # % of benign training images less typical of their own class than the
+    # adversarial point is of the class it now claims
     pct = 100 * (1 - np.searchsorted(train, s_pred) / len(train))
     place[lbl] = {"median_train_percentile": float(np.median(pct)),
                   "below_1pct": 100 * float(np.mean(pct < 1)),
