@@ -20,13 +20,13 @@ QUICK = study.Plan(
     n_clean=500, eps_linf=(0.02, 0.05, 0.1, 0.2), eps_l2=(0.5, 1.5, 3.0), n_profile=100,
     attacks=dict(study.ATTACKS) | {"cw_l2": ("cw_l2", {"binary_steps": 4, "steps": 60})},
     defences=defences.CurtailConfig(
-        latent=latent.LatentConfig(steps=500), magnet=peers.MagNetConfig(steps=600),
+        latent=latent.LatentConfig(steps=500), magnet=peers.MagNetConfig(steps=300),
         input=input_defender.InputDefenderConfig(
             images_per_class=100, dictionary=sparse.DictConfig(n_atoms=64, n_nonzero=4,
                                                                iters=4))),
     adaptive=adaptive.AdaptiveConfig(steps=40, penalties=(3.0,), gradients=("exact",)),
     adaptive_on=(("mnist5k", "mlp"),), n_adaptive=100, throughput_images=256,
-    throughput_rounds=1, bench_images=100, bench_reps=2, bench_attacks=("fgsm", "pgd_linf"))
+    throughput_rounds=1, bench_images=100, bench_reps=1, bench_attacks=("fgsm", "pgd_linf"))
 
 NAMES = {"curtail": "CuRTAIL (MRR)", "mahalanobis": "Mahalanobis", "magnet": "MagNet",
          "feature_squeezing": "Feature Squeezing"}
