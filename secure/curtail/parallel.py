@@ -46,16 +46,17 @@ def sharded_scores(spec: modules.Spec, arr: dict, x, mesh: Mesh) -> jax.Array:
   return _sharded_fn(spec, mesh)(arr, xp)[:n]
 
 
-def _time(fn, reps: int) -> tuple[float, list[float]]:
+def _time(fn, reps: int) -> tuple[float, list[float], object]:
+  """(cold seconds, warm seconds per rep, the first call's result)."""
   t0 = time.perf_counter()
-  jax.block_until_ready(fn())
+  out = jax.block_until_ready(fn())
   cold = time.perf_counter() - t0
   warm = []
   for _ in range(reps):
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     warm.append(time.perf_counter() - t0)
-  return cold, warm
+  return cold, warm, out
 
 
 def bench_worker(spec: modules.Spec, arr: dict, x: np.ndarray, reps: int, kind: str,
@@ -70,13 +71,12 @@ def bench_worker(spec: modules.Spec, arr: dict, x: np.ndarray, reps: int, kind: 
          "n_images": len(x)}
   if kind == "in_turn":
     xj = jnp.asarray(x)
-    cold, warm = _time(lambda: modules.scores_in_turn(spec, arr, xj), reps)
-    out["in_turn"] = {"cold_s": cold, "warm_s": warm,
-                      "scores": np.asarray(modules.scores_in_turn(spec, arr, xj))}
+    cold, warm, scores = _time(lambda: modules.scores_in_turn(spec, arr, xj), reps)
+    out["in_turn"] = {"cold_s": cold, "warm_s": warm, "scores": np.asarray(scores)}
     # The two-process run's work done on one core: both halves, fused, one
     # after the other (separates parallelism from fusion and batch-size effects).
     halves = [jnp.asarray(h) for h in np.array_split(x, 2)]
-    cold, warm = _time(lambda: [modules.scores(spec, arr, h) for h in halves], reps)
+    cold, warm, _ = _time(lambda: [modules.scores(spec, arr, h) for h in halves], reps)
     out["halves_in_turn"] = {"cold_s": cold, "warm_s": warm}
     return out
   if kind != "sharded":
@@ -94,8 +94,8 @@ def bench_worker(spec: modules.Spec, arr: dict, x: np.ndarray, reps: int, kind: 
     gx = jax.make_array_from_process_local_data(NamedSharding(mesh, P("dp")),
                                                 np.asarray(x[pid * per:(pid + 1) * per]))
     fn = _sharded_fn(spec, mesh)
-    cold, warm = _time(lambda: fn(garr, gx), reps)
-    scores = multihost_utils.process_allgather(fn(garr, gx), tiled=True)
+    cold, warm, res = _time(lambda: fn(garr, gx), reps)
+    scores = multihost_utils.process_allgather(res, tiled=True)
     out[f"sharded_{k}"] = {"cold_s": cold, "warm_s": warm, "scores": np.asarray(scores)}
   return out
 

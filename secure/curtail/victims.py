@@ -66,10 +66,6 @@ class Victim:
     return np.concatenate([np.asarray(self.logits_fn(x[i:i + batch]).argmax(-1))
                            for i in range(0, len(x), batch)]) if len(x) else np.zeros(0, int)
 
-  def features(self, layer: int) -> Callable:
-    f = _features(self.cfg.model, self.model_config, layer)
-    return lambda x: f(self.params, x)
-
 
 class _Frozen:
   """Parameters hashed by identity, so a victim's bound logits function is one
@@ -89,11 +85,6 @@ class _Frozen:
 def _bound(model: str, mcfg, frozen: _Frozen) -> Callable:
   apply = CLASSIFIERS[model].apply
   return jax.jit(lambda x: apply(frozen.tree, x, mcfg))
-
-
-@functools.lru_cache(maxsize=None)
-def _features(model: str, mcfg, layer: int) -> Callable:
-  return jax.jit(functools.partial(CLASSIFIERS[model].features, cfg=mcfg, layer=layer))
 
 
 def build(cfg: VictimConfig, workdir: str | None = None, progress: bool = True) -> Victim:
