@@ -32,15 +32,16 @@ def _sq_dist(x_NxD: jax.Array, c_KxD: jax.Array) -> jax.Array:
   return jnp.sum((x_NxD[:, None, :] - c_KxD[None]) ** 2, axis=-1)
 
 
-def _plusplus(x_NxD, w_N, key, k: int):
+def _plusplus(x_NxD, w_N, key, k, k_max: int):
   """Greedy k-means++ (scikit-learn's seeding): each step draws 2 + ln(k)
   candidates with probability ~ w * D^2 and keeps the one that lowers the
-  potential most."""
+  potential most. ``k`` may be traced (<= ``k_max``); rows k.. stay +inf."""
   n = x_NxD.shape[0]
-  trials = 2 + int(np.log(k))
-  keys = jax.random.split(key, k)
+  t_max = 2 + int(np.log(k_max))
+  trials = 2 + jnp.floor(jnp.log(k.astype(jnp.float32)) + 1e-6).astype(jnp.int32)
+  keys = jax.random.split(key, k_max)
   first = jax.random.choice(keys[0], n, p=w_N / jnp.sum(w_N))
-  c = jnp.zeros((k, x_NxD.shape[1]), x_NxD.dtype).at[0].set(x_NxD[first])
+  c = jnp.full((k_max, x_NxD.shape[1]), jnp.inf, x_NxD.dtype).at[0].set(x_NxD[first])
   d2 = jnp.sum((x_NxD - x_NxD[first]) ** 2, -1)
 
   def body(i, carry):
@@ -48,18 +49,23 @@ def _plusplus(x_NxD, w_N, key, k: int):
     p = w_N * d2
     # All points coincide with chosen centres: fall back to uniform draws.
     p = jnp.where(jnp.sum(p) > 0, p, w_N)
-    cand = jax.random.choice(keys[i], n, (trials,), p=p / jnp.sum(p))
-    d2_cand = jnp.minimum(d2[None], _sq_dist(x_NxD, x_NxD[cand]).T)   # (trials, N)
-    best = jnp.argmin(d2_cand @ w_N)
+    cand = jax.random.choice(keys[i], n, (t_max,), p=p / jnp.sum(p))
+    d2_cand = jnp.minimum(d2[None], _sq_dist(x_NxD, x_NxD[cand]).T)   # (t_max, N)
+    pot = jnp.where(jnp.arange(t_max) < trials, d2_cand @ w_N, jnp.inf)
+    best = jnp.argmin(pot)
     return c.at[i].set(x_NxD[cand[best]]), d2_cand[best]
 
   c, _ = jax.lax.fori_loop(1, k, body, (c, d2))
   return c
 
 
-@functools.partial(jax.jit, static_argnames=("k", "max_iter"))
-def _kmeans(x_NxD, w_N, key, tol, k: int, max_iter: int):
-  c0 = _plusplus(x_NxD, w_N, key, k)
+@functools.partial(jax.jit, static_argnames=("k_max", "max_iter"))
+def _kmeans(x_NxD, w_N, key, tol, k, k_max: int, max_iter: int):
+  """``k`` is traced: one compilation serves every k <= ``k_max``; centre rows
+  k.. are +inf, so they never win an assignment and never relocate."""
+  active = jnp.arange(k_max) < k
+  c0 = _plusplus(x_NxD, w_N, key, k, k_max)
+  n_top = min(k_max, x_NxD.shape[0])
 
   def assign(c):
     if x_NxD.shape[1] == 1:  # 1-D: c is kept sorted, so nearest = a search over midpoints
@@ -71,18 +77,19 @@ def _kmeans(x_NxD, w_N, key, tol, k: int, max_iter: int):
     return lab, dmin
 
   def order(c):  # centre order is arbitrary; sorted 1-D centres make assignment O(N log k)
-    return c[jnp.argsort(c[:, 0])] if x_NxD.shape[1] == 1 else c
+    return c[jnp.argsort(c[:, 0])] if x_NxD.shape[1] == 1 else c   # +inf rows sort last
 
   def update(c, lab, dmin):
-    cnt = jax.ops.segment_sum(w_N, lab, k)
-    sums = jax.ops.segment_sum(w_N[:, None] * x_NxD, lab, k)
+    cnt = jax.ops.segment_sum(w_N, lab, k_max)
+    sums = jax.ops.segment_sum(w_N[:, None] * x_NxD, lab, k_max)
     means = sums / jnp.maximum(cnt, 1e-30)[:, None]
     # Empty clusters take the worst-served points (distinct ones, worst first);
     # they own no points, so moving them cannot raise the inertia.
-    empty = cnt <= 0
+    empty = (cnt <= 0) & active
     rank = jnp.cumsum(empty) - 1
-    _, worst = jax.lax.top_k(w_N * dmin, k)
-    return jnp.where(empty[:, None], x_NxD[worst[jnp.clip(rank, 0, k - 1)]], means)
+    _, worst = jax.lax.top_k(w_N * dmin, n_top)
+    new = jnp.where(empty[:, None], x_NxD[worst[jnp.clip(rank, 0, n_top - 1)]], means)
+    return jnp.where(active[:, None], new, jnp.inf)
 
   def cond(s):
     _, it, shift, _ = s
@@ -93,7 +100,8 @@ def _kmeans(x_NxD, w_N, key, tol, k: int, max_iter: int):
     lab, dmin = assign(c)
     hist = hist.at[it].set(jnp.sum(w_N * dmin))
     new = update(c, lab, dmin)
-    return order(new), it + 1, jnp.sum((new - c) ** 2), hist
+    shift = jnp.sum(jnp.where(active[:, None], new - c, 0.0) ** 2)
+    return order(new), it + 1, shift, hist
 
   hist0 = jnp.full((max_iter,), jnp.nan, x_NxD.dtype)
   c, it, _, hist = jax.lax.while_loop(cond, body, (order(c0), 0, jnp.inf, hist0))
@@ -126,11 +134,23 @@ def kmeans(x, k: int, *, seed: int = 0, weights=None, max_iter: int = 100,
   if w.shape != (len(x2),) or (w < 0).any() or not w.sum() > 0:
     raise ValueError("weights must be (N,), non-negative and not all zero")
   abs_tol = tol * float(np.mean(np.var(x2, axis=0)))
-  c, lab, inertia, hist, it = _kmeans(jnp.asarray(x2), jnp.asarray(w), jax.random.key(seed),
-                                      jnp.float32(abs_tol), k=k, max_iter=max_iter)
+  # Pad N to a power of two with zero-weight copies of a point: one compilation
+  # serves every size in the bucket (a codebook bank fits many layer sizes), and
+  # zero-weight points never seed, pull or count (the sampling draws are unchanged).
+  n = len(x2)
+  pad = max(64, 1 << (n - 1).bit_length()) - n
+  xp = np.concatenate([x2, np.repeat(x2[:1], pad, 0)])
+  wp = np.concatenate([w, np.zeros(pad, np.float32)])
+  # Likewise k: 1-D problems share one compilation for every k up to 256.
+  k_max = 1 << (k - 1).bit_length()
+  if x2.shape[1] == 1:
+    k_max = max(k_max, 256)
+  c, lab, inertia, hist, it = _kmeans(jnp.asarray(xp), jnp.asarray(wp), jax.random.key(seed),
+                                      jnp.float32(abs_tol), jnp.int32(k), k_max=k_max,
+                                      max_iter=max_iter)
   it = int(it)
-  c = np.asarray(c)
-  return KMeansResult(c[:, 0] if flat else c, np.asarray(lab), float(inertia),
+  c = np.asarray(c)[:k]
+  return KMeansResult(c[:, 0] if flat else c, np.asarray(lab)[:n], float(inertia),
                       np.asarray(hist)[:it], it)
 
 
