@@ -9,6 +9,7 @@ Writes ``<outdir>/REPORT.md`` with tables and PNG plots under ``<outdir>/figures
 from absl import app, flags, logging
 
 from accel import section as rapidnn_section
+from accel.codex import section as codex_section
 from core import baselines, report
 from secure.cleann import section as cleann_section
 from secure.curtail import section as curtail_section
@@ -26,6 +27,7 @@ SECTIONS: list[tuple[str, report.SectionFn]] = [
     ("spd_accuracy", study.section),
     ("subclone", subclone_section.section),
     ("rapidnn", rapidnn_section.section),
+    ("codex", codex_section.section),
     ("cleann", cleann_section.section),
     ("curtail", curtail_section.section),
 ]

@@ -86,7 +86,21 @@ def _check_curtail_tour(out: str) -> None:
   assert rows[("fgsm", "curtail")][2] - 5 <= adaptive <= 100
 
 
+def _check_codex_tour(out: str) -> None:
+  float_acc = _floats(r"float accuracy ([\d.]+)%", out)[0]
+  assert float_acc > 90
+  assert _floats(r"max \|datapath - reference\| = ([\d.e+-]+)", out)[0] < 1e-4
+  uni = dict(re.findall(r"uniform (\d)-bit codebooks: ([\d.]+)%", out))
+  assert abs(float(uni["8"]) - float_acc) < 3 and float(uni["1"]) < float_acc - 10
+  for used, budget in re.findall(r"bits (\d+) <= budget (\d+)", out):
+    assert int(used) <= int(budget)
+  ratios = _floats(r"modelled/published = ([\d.]+)", out)
+  assert abs(ratios[0] - 1) < 0.05 and 0.5 <= ratios[1] <= 2       # fit, then the check
+  assert _floats(r"ratio ([\d.]+)x \(model\)", out)[0] > 1        # fewer activation bits
+
+
 CHECKS = {"spd_tour": _check_spd_tour, "rapidnn_tour": _check_rapidnn_tour,
+          "codex_tour": _check_codex_tour,
           "subclone_tour": _check_subclone_tour, "cleann_tour": _check_cleann_tour,
           "curtail_tour": _check_curtail_tour}
 

@@ -154,8 +154,10 @@ def run(ds: data.Dataset, model: str, steps: int, plan: CodexPlan, workdir: str 
   # Hardware: CodeX (the chosen configuration, and uniform b*) vs stand-alone weight
   # encoding with the same weight widths.
   hw = {}
-  for label, cfg in [("chosen", chosen), ("uniform b*", BitConfig.uniform(n, b_star)),
-                     ("uniform 4", BitConfig.uniform(n, 4))]:
+  configs = {"chosen": chosen, f"uniform b*={b_star}": BitConfig.uniform(n, b_star)}
+  if b_star != 4:
+    configs["uniform 4"] = BitConfig.uniform(n, 4)
+  for label, cfg in configs.items():
     wo = BitConfig(cfg.weights, (None,) * n)
     for board_name in fpga.BOARDS:
       d = fpga.compile_design(ops, ds.input_shape, params, cfg, board_name)
