@@ -208,3 +208,44 @@ def test_aqt_dense_matches_a_numpy_symmetric_quantizer(bits):
   want = _np_symmetric(x, bits, 1) @ _np_symmetric(params["dense_0"]["kernel"], bits, 0)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   assert bits == 8 or np.abs(want - x @ params["dense_0"]["kernel"]).max() > 1e-2
+
+
+def test_tiny_study_records_and_the_rendered_report_agree(tmp_path):
+  import re
+
+  from accel.codex import section, study
+  from core import data
+  ds = data.load("digits")
+  plan = study.CodexPlan(runs=(("digits", "mlp", 120),), evaluations=10, seeds=(0, 1),
+                         int_bits=(2,), qat=uniform.QATConfig(steps=10),
+                         retrain=retrain_cfg(), calib_images=128, val_images=200)
+  r = study.run(ds, "mlp", 120, plan, str(tmp_path / "model"), None, progress=False)
+  n = len(r["layers"])
+  b_star = r["budget"]["b_star"]
+  # b* and every wider width are within the bound on validation; the one below is not.
+  vals = [u["val"] for u in r["uniform"]]
+  assert all(v >= vals[-1] - plan.bound for v in vals[b_star - 1:])
+  assert b_star == 1 or vals[b_star - 2] < vals[-1] - plan.bound
+  for name, runs in r["searches"].items():
+    for x in runs:
+      assert x["evaluations"] <= (8 if name == "uniform" else plan.evaluations)
+      assert x["best"]["cost"] <= r["budget"]["bits"] + 1e-6
+      assert len(x["curve"]) == x["evaluations"]
+  assert len(r["chosen"]["bits"]["weights"]) == n
+  assert r["fpga"]["chosen @ zc706"]["ratio"] > 1        # fewer activation bits, more lanes
+  sec = section.render([r], finn.calibration(), [], plan, str(tmp_path))
+  row = next(line for line in sec.body.splitlines() if line.startswith("| digits mlp | ")
+             and r["chosen"]["label"] in line)
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  saving = r["uniform"][b_star - 1]["total_bits"] / r["chosen"]["total_bits"]
+  assert cells[5].endswith(f"({saving:.2f}x)")
+  met = (r["chosen"]["test_after"] >= r["uniform"][-1]["test"] - plan.bound and saving >= 1.5)
+  assert cells[7] == ("met" if met else "missed")
+  a, b = section.wins(r)
+  assert re.search(rf"digits mlp: {a}/{b} seeds", sec.body) and b == 2
+  assert (tmp_path / "figures" / "codex_digits_mlp_search.png").exists()
+
+
+def retrain_cfg():
+  from accel.retrain import RetrainConfig
+  return RetrainConfig(steps=10, batch=32, lr=1e-3)
