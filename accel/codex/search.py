@@ -142,14 +142,17 @@ def uniform(p: Problem) -> dict | None:
 
 
 def greedy(p: Problem, evaluations: int, path_share: float = 0.25) -> dict | None:
-  """Per-knob sensitivity, then a greedy descent: measure each knob alone at
-  widths below 8 (the others at 8; widths 2, 4, 1, 3, 6, 5, 7 in that order
-  while a (1 - ``path_share``) part of the evaluations lasts, unmeasured ones
-  interpolated), predict a configuration's accuracy loss as the sum of its
-  knobs' losses, and walk from all-8 by lowering, one bit at a time, the knob
-  with the smallest predicted loss per unit of cost saved, evaluating each
-  configuration on the path, until the budget is met or the evaluations are
-  spent."""
+  """Per-knob sensitivity, a greedy descent on it, then local refinement.
+
+  Sensitivity: each knob alone at widths below 8 (the others at 8), in the
+  order 2, 4, 1, 3, 6, 5, 7 while (1 - ``path_share``) of the evaluations
+  last; unmeasured widths are interpolated. The descent predicts a
+  configuration's accuracy loss as the sum of its knobs' losses and walks from
+  all-8, lowering one bit at a time the knob with the smallest predicted loss
+  per unit of cost saved, until the budget is met (no evaluations: the cost is
+  known); that configuration is evaluated. What is left is spent on moves that
+  raise one knob and lower another while staying feasible, best predicted
+  first, kept when the measured accuracy improves."""
   top = (MAX_BITS,) * p.knobs
   base = p(top)
   measured = [{MAX_BITS: 0.0} for _ in range(p.knobs)]

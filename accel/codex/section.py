@@ -6,13 +6,16 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 
 from accel import study as rapid_study
-from accel.codex import finn, fpga, study, uniform
+from accel.codex import encoding, finn, fpga, study, uniform
+from accel.program import program
 from accel.retrain import RetrainConfig
 from core import data, report
 from core.cache import RunCache
+from core.models import cnn
 
 PAPER_RATIO = 4.65   # CodeX over stand-alone weight encoding, mean of MNIST/SVHN/CIFAR-10
 FULL = study.CodexPlan(
@@ -41,11 +44,37 @@ def run(plan: study.CodexPlan, mode: str, outdir: str, progress: bool = True) ->
         ds, model, steps, plan, workdir=os.path.join(outdir, "models", f"rapidnn_{mode}_{tag}"),
         cache_path=os.path.join(outdir, "codex", f"{mode}_{tag}.json"), progress=progress)))
   calib = finn.calibration()
+  shaped = model_only()
   os.makedirs(outdir, exist_ok=True)
   with open(os.path.join(outdir, f"codex_{mode}.json"), "w") as f:
     json.dump({"plan": dataclasses.asdict(plan), "results": results, "finn": calib,
-               "skipped": skipped}, f, indent=1, default=float)
-  return render(results, calib, skipped, plan, outdir)
+               "model_only": shaped, "skipped": skipped}, f, indent=1, default=float)
+  return render(results, calib, skipped, plan, outdir, shaped)
+
+
+# A CIFAR-10-shaped CNN (the paper's larger datasets are not offline): shapes only,
+# for the hardware model; no accuracy is claimed for it.
+CIFAR_SHAPED = cnn.CNNConfig(input_shape=(32, 32, 3), channels=(64, 128, 256), hidden=(512,))
+
+
+def model_only() -> list[dict]:
+  """CodeX vs weight-only throughput on the CIFAR-shaped CNN at uniform widths."""
+  ops = program("cnn", CIFAR_SHAPED)
+  kernels = {n: tuple(p["kernel"].shape)
+             for n, p in jax.eval_shape(cnn.init, jax.random.key(0), CIFAR_SHAPED).items()}
+  rows = []
+  for b in (2, 4, 8):
+    for board_name in fpga.BOARDS:
+      n = len(kernels)
+      d = fpga.compile_design(ops, CIFAR_SHAPED.input_shape, kernels,
+                              encoding.BitConfig.uniform(n, b), board_name)
+      w = fpga.compile_design(ops, CIFAR_SHAPED.input_shape, kernels,
+                              encoding.BitConfig.uniform(n, b, weight_only=True), board_name)
+      rows.append({"bits": b, "board": board_name, "codex_img_s": d.images_per_s,
+                   "weight_only_img_s": w.images_per_s, "ratio": d.images_per_s / w.images_per_s,
+                   "codex_spilled": [x.name for x in d.blocks if x.spilled],
+                   "weight_only_spilled": [x.name for x in w.blocks if x.spilled]})
+  return rows
 
 
 def _se(acc: float, n: int) -> str:
@@ -59,22 +88,27 @@ def _search_rows(r: dict) -> list[list]:
     vals = [b["acc"] for b in best]
     tests = [x["test"] for x in runs if x["test"] is not None]
     spread = f" ± {np.std(vals):.2f}" if len(vals) > 1 else ""
+    none = len(runs) - len(best)
     rows.append([f"{r['dataset']} {r['model']}", name, len(runs),
-                 max(x["evaluations"] for x in runs), f"{np.mean(vals):.2f}{spread}",
-                 f"{np.mean(tests):.2f}", f"{np.mean([b['cost'] for b in best]) / 1e3:,.0f}"])
+                 max(x["evaluations"] for x in runs),
+                 (f"{np.mean(vals):.2f}{spread}" if vals else "–") +
+                 (f" ({none} seed(s) found none feasible)" if none else ""),
+                 f"{np.mean(tests):.2f}" if tests else "–",
+                 f"{np.mean([b['cost'] for b in best]) / 1e3:,.0f}" if best else "–"])
   return rows
 
 
 def wins(r: dict, a: str = "reinforce", b: str = "random") -> tuple[int, int]:
   """(seeds where ``a``'s pick has higher validation accuracy than ``b``'s, seeds)."""
-  ra = {x["seed"]: x["best"]["acc"] for x in r["searches"][a] if x["best"]}
-  rb = {x["seed"]: x["best"]["acc"] for x in r["searches"][b] if x["best"]}
+  acc = lambda x: x["best"]["acc"] if x["best"] else -np.inf    # nothing feasible loses
+  ra = {x["seed"]: acc(x) for x in r["searches"][a]}
+  rb = {x["seed"]: acc(x) for x in r["searches"][b]}
   common = sorted(set(ra) & set(rb))
   return sum(ra[s] > rb[s] for s in common), len(common)
 
 
 def render(results: list[dict], calib: list[dict], skipped: list[str], plan: study.CodexPlan,
-           outdir: str) -> report.Section:
+           outdir: str, shaped: list[dict] = ()) -> report.Section:
   fig_dir = os.path.join(outdir, "figures")
   parts = [
       "**CodeX** encodes every linear layer's kernel *and* its input feature map as b-bit "
@@ -103,7 +137,9 @@ def render(results: list[dict], calib: list[dict], skipped: list[str], plan: stu
     saving = bs["total_bits"] / c["total_bits"]
     rows.append([f"{r['dataset']} {r['model']}", _se(r["float_test"], n), _se(u8["test"], n),
                  f"{r['budget']['b_star']} ({bs['total_bits'] / 1e3:,.0f}k)",
-                 f"`{c['label']}`", f"{c['total_bits'] / 1e3:,.0f}k ({saving:.2f}x)",
+                 f"`{c['label']}`" + ("" if c.get("by", "reinforce") == "reinforce"
+                                      else f" ({c['by']})"),
+                 f"{c['total_bits'] / 1e3:,.0f}k ({saving:.2f}x)",
                  f"{c['test_before']:.2f} / {_se(c['test_after'], n)}",
                  "met" if within and saving >= 1.5 else "missed"])
   parts += [
@@ -171,6 +207,16 @@ def render(results: list[dict], calib: list[dict], skipped: list[str], plan: stu
                              "weight-only spills", "µJ/image CodeX / weight-only"], hrows),
       "Constants:\n\n" + "\n".join(f"- `{k}` = {v.value:g} {v.unit}: {v.source}"
                                     for k, v in consts.items())]
+  if shaped:
+    parts += [
+        "The same comparison on a CIFAR-10-shaped CNN (32x32x3, conv 64-128-256, dense 512; "
+        "shapes only, no accuracy claimed) at uniform widths:",
+        report.markdown_table(
+            ["bits", "board", "CodeX img/s", "weight-only img/s", "ratio", "spilled kernels "
+             "(CodeX / weight-only)"],
+            [[x["bits"], x["board"], f"{x['codex_img_s']:,.0f}", f"{x['weight_only_img_s']:,.0f}",
+              f"{x['ratio']:.2f}x", f"{', '.join(x['codex_spilled']) or 'none'} / "
+              f"{', '.join(x['weight_only_spilled']) or 'none'}"] for x in shaped])]
   for r in results:
     tag = f"{r['dataset']}_{r['model']}"
     u = r["uniform"]

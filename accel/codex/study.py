@@ -126,16 +126,22 @@ def run(ds: data.Dataset, model: str, steps: int, plan: CodexPlan, workdir: str 
                    "curve": _curve(p.trace),
                    "test": test_acc(_split(tuple(best["bits"]))) if best else None})
       if progress:
-        print(f"  {ds.name}/{model} {name} seed {s}: {best and best['acc']:.2f} val at "
-              f"{best and best['cost']:.0f} bits ({p.evaluations} evaluations)")
+        found = (f"{best['acc']:.2f} val at {best['cost']:.0f} bits" if best
+                 else "no feasible configuration")
+        print(f"  {ds.name}/{model} {name} seed {s}: {found} ({p.evaluations} evaluations)")
     res["searches"][name] = runs
 
   # Fine-tune the searched pick (best validation accuracy over REINFORCE seeds)
   # and the uniform widths compared with AQT, all with the same retraining.
-  pick = max(res["searches"]["reinforce"], key=lambda r: r["best"]["acc"])["best"]
+  found = [r["best"] for r in res["searches"]["reinforce"] if r["best"]]
+  # No feasible REINFORCE pick on any seed (a budget near 1 bit everywhere): fall
+  # back to the best feasible configuration any search found, and say so.
+  pick = max(found or [r["best"] for m in res["searches"].values() for r in m if r["best"]],
+             key=lambda b: b["acc"])
   chosen = _split(tuple(pick["bits"]))
   tuned = retrain(bank.codebook(chosen, pad=True), ops, fit, plan.retrain)
   res["chosen"] = {"bits": chosen.to_json(), "label": chosen.label(), "total_bits": pick["cost"],
+                   "by": "reinforce" if found else "fallback (no feasible REINFORCE pick)",
                    "val_before": pick["acc"], "test_before": test_acc(chosen),
                    "test_after": test_acc(chosen, tuned)}
   cache = RunCache(cache_path, {"code": CODE_VERSION, "qat": dataclasses.asdict(plan.qat),
