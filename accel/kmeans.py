@@ -134,11 +134,12 @@ def kmeans(x, k: int, *, seed: int = 0, weights=None, max_iter: int = 100,
   if w.shape != (len(x2),) or (w < 0).any() or not w.sum() > 0:
     raise ValueError("weights must be (N,), non-negative and not all zero")
   abs_tol = tol * float(np.mean(np.var(x2, axis=0)))
-  # Pad N to a power of two with zero-weight copies of a point: one compilation
-  # serves every size in the bucket (a codebook bank fits many layer sizes), and
+  # Pad N to a power of two (at least 4096: small problems are cheap to run and
+  # dear to compile) with zero-weight copies of a point: one compilation serves
+  # every size in the bucket (a codebook bank fits many layer sizes), and
   # zero-weight points never seed, pull or count (the sampling draws are unchanged).
   n = len(x2)
-  pad = max(64, 1 << (n - 1).bit_length()) - n
+  pad = max(4096, 1 << (n - 1).bit_length()) - n
   xp = np.concatenate([x2, np.repeat(x2[:1], pad, 0)])
   wp = np.concatenate([w, np.zeros(pad, np.float32)])
   # Likewise k: 1-D problems share one compilation for every k up to 256.
