@@ -2,7 +2,7 @@
 searches, the uniform-integer (AQT) baseline and the streaming FPGA model.
 
   python -m experiments.codex                       # the study, quick mode (~1.5 min)
-  python -m experiments.codex --full                # the study, six networks (~1 hour)
+  python -m experiments.codex --full                # the study, six networks (~15 min)
   python -m experiments.codex --model=cnn --dataset=fashion_mnist --board=zc706 \\
       --bits=w4a3,w2a2,w3a3,w4a4                    # compile one configuration
   python -m experiments.codex --model=mlp --dataset=mnist5k --bits=4 --board=zcu102
