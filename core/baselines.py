@@ -23,7 +23,7 @@ class BaselinePlan:
 
 QUICK = BaselinePlan(
     # No ViT here in quick mode: the subclone section trains and reports one (its
-    # 300-step mnist5k parent), and a second copy cost ~50 s of the 20-minute job.
+    # short mnist5k parent), and a second copy cost ~50 s of the 20-minute job.
     classifier_runs=(("digits", "mlp", 400), ("digits", "cnn", 400),
                      ("mnist5k", "mlp", 600), ("mnist5k", "cnn", 600),
                      ("fashion_mnist", "cnn", 600)),
