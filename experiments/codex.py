@@ -36,26 +36,6 @@ _OUT = flags.DEFINE_string("out", None, "Compile mode: the JSON report (default 
                            "<outdir>/<dataset>_<model>_<board>.json).")
 
 
-def parse_bits(text: str, n_layers: int) -> BitConfig:
-  """'4' -> every layer w4a4; 'w4a3,w2a-' -> per layer (a-: full precision)."""
-  text = text.strip()
-  if text.isdigit():
-    return BitConfig.uniform(n_layers, encoding.check_bits(int(text), "--bits"))
-  parts = text.split(",")
-  if len(parts) != n_layers:
-    raise ValueError(f"--bits has {len(parts)} layers, the network {n_layers}")
-  ws, acts = [], []
-  for p in parts:
-    if not (p.startswith("w") and "a" in p):
-      raise ValueError(f"--bits entries look like 'w4a3' or 'w4a-', got {p!r}")
-    w, a = p[1:].split("a", 1)
-    if not w.isdigit() or not (a == "-" or a.isdigit()):
-      raise ValueError(f"--bits entries look like 'w4a3' or 'w4a-', got {p!r}")
-    ws.append(int(w))
-    acts.append(None if a == "-" else int(a))
-  return BitConfig(tuple(ws), tuple(acts))
-
-
 def compile_one() -> None:
   fpga.board(_BOARD.value)             # an unknown board fails before any training
   ds = data.load(_DATASET.value)
@@ -64,7 +44,7 @@ def compile_one() -> None:
   params, mcfg = rapid_study.train_float(fit, _MODEL.value, _STEPS.value,
                                          rapid_study.GridPlan(runs=()), workdir)
   ops = program(_MODEL.value, mcfg)
-  bits = parse_bits(_BITS.value, len(linear_layers(ops)))
+  bits = BitConfig.parse(_BITS.value, len(linear_layers(ops)))
   design = fpga.compile_design(ops, ds.input_shape, params, bits, _BOARD.value)
   from accel import rapidnn
   acts = rapidnn.layer_activations(params, ops, fit.x_train[:512])

@@ -253,11 +253,10 @@ def retrain_cfg():
   return RetrainConfig(steps=10, batch=32, lr=1e-3)
 
 
-def test_the_binary_parses_bit_configurations_and_rejects_bad_ones():
-  from experiments.codex import parse_bits
-  assert parse_bits("3", 2) == BitConfig((3, 3), (3, 3))
-  assert parse_bits("w4a2,w1a-", 2) == BitConfig((4, 1), (2, None))
+def test_bit_strings_parse_and_bad_ones_are_rejected():
+  assert BitConfig.parse("3", 2) == BitConfig((3, 3), (3, 3))
+  assert BitConfig.parse("w4a2,w1a-", 2) == BitConfig((4, 1), (2, None))
   for bad, match in [("9", "1..8"), ("w4a2", "has 1 layers"), ("w4x2,w1a1", "look like"),
                      ("w0a2,w1a1", "1..8")]:
     with pytest.raises(ValueError, match=match):
-      parse_bits(bad, 2)
+      BitConfig.parse(bad, 2)

@@ -61,6 +61,24 @@ class BitConfig:
   def uniform(cls, n_layers: int, bits: int, weight_only: bool = False) -> "BitConfig":
     return cls((bits,) * n_layers, (None if weight_only else bits,) * n_layers)
 
+  @classmethod
+  def parse(cls, text: str, n_layers: int) -> "BitConfig":
+    """'4' -> every layer w4a4; 'w4a3,w2a-' -> per layer ('a-': full-precision inputs)."""
+    text = text.strip()
+    if text.isdigit():
+      return cls.uniform(n_layers, check_bits(int(text), "bits"))
+    parts = text.split(",")
+    if len(parts) != n_layers:
+      raise ValueError(f"the bits string has {len(parts)} layers, the network {n_layers}")
+    ws, acts = [], []
+    for p in parts:
+      w, sep, a = p[1:].partition("a")
+      if not p.startswith("w") or not sep or not w.isdigit() or not (a == "-" or a.isdigit()):
+        raise ValueError(f"per-layer bits look like 'w4a3' or 'w4a-', got {p!r}")
+      ws.append(int(w))
+      acts.append(None if a == "-" else int(a))
+    return cls(tuple(ws), tuple(acts))
+
   @property
   def weight_only(self) -> bool:
     return all(a is None for a in self.acts)
