@@ -1,0 +1,53 @@
+"""Iso-loss speed-up on constructed (budget, final loss) curves with known answers."""
+
+import math
+
+import pytest
+
+from subclone import isoloss
+
+BUDGETS = [150, 300, 600, 1200, 2400]
+
+
+def _log_linear(c, budgets=BUDGETS, k=0.2):
+  """Final loss c - k ln(budget): interpolation in log-budget is exact on it."""
+  return [c - k * math.log(b) for b in budgets]
+
+
+def test_a_curve_shifted_by_4x_in_budget_gives_4x_at_every_interior_level():
+  ref = (BUDGETS, _log_linear(3.0))
+  # Reaching any loss with 4x fewer steps: loss(b) = ref_loss(4b).
+  run = (BUDGETS, _log_linear(3.0 - 0.2 * math.log(4)))
+  levels = [3.0 - 0.2 * math.log(b) for b in (700, 850, 1700, 2300)]   # between measurements
+  for row in isoloss.speedup_curve(ref, run, levels):
+    assert row["speedup"] == pytest.approx(4.0, rel=1e-9) and row["bound"] is None
+  # By hand at the reference's 1200-step loss: the run needs 300 steps.
+  r = isoloss.speedup_at(ref, run, ref[1][3])
+  assert r["reference"] == pytest.approx(1200) and r["run"] == pytest.approx(300)
+
+
+def test_levels_never_reached_or_reached_at_once_are_flagged():
+  ref = (BUDGETS, _log_linear(3.0))
+  run = (BUDGETS, _log_linear(2.5))
+  below_all = min(ref[1][-1], run[1][-1]) - 0.1
+  r = isoloss.speedup_at(ref, run, below_all)
+  assert r["speedup"] is None and r["reference"] is None and r["run"] is None
+  # The run is already below the level at its smallest budget: at least this fast.
+  level = run[1][0] + 0.01
+  r = isoloss.speedup_at(ref, run, level)
+  assert r["bound"] == "lower" and r["run"] == 150 and r["speedup"] > 1
+
+
+def test_a_non_monotone_curve_is_read_at_its_first_crossing():
+  reach = isoloss.budget_to_reach([100, 200, 400, 800], [2.0, 1.5, 1.7, 1.2], 1.6)
+  # 1.6 is first crossed between 100 (2.0) and 200 (1.5): t = 0.4/0.5 in log budget.
+  assert reach.budget == pytest.approx(math.exp(math.log(100) + 0.8 * math.log(2)))
+  assert not reach.at_most
+
+
+@pytest.mark.parametrize("budgets, losses, match", [
+    ([100, 50], [1.0, 0.9], "strictly increasing"), ([100, 200], [1.0], "one final loss"),
+    ([0, 100], [1.0, 0.9], "positive"), ([100, 200], [1.0, float("nan")], "finite")])
+def test_bad_curves_raise(budgets, losses, match):
+  with pytest.raises(ValueError, match=match):
+    isoloss.budget_to_reach(budgets, losses, 0.5)
