@@ -49,11 +49,20 @@ def retrain(cb: Codebook, ops: tuple[Op, ...], ds: data.Dataset, cfg: RetrainCon
 
   loss_fn = classifier_loss(lambda params, x: float_forward(merge(params, fixed), ops, x,
                                                             ste=True))
+  return merge(fine_tune(loss_fn, trainable, ds, cfg, salt=7, desc="retrain",
+                         progress=progress), fixed)
+
+
+def fine_tune(loss_fn, params, ds: data.Dataset, cfg: RetrainConfig, *, salt: int, desc: str,
+              progress: bool = False):
+  """``cfg.steps`` of AdamW (warmup+cosine, no weight decay) on ``ds``'s training
+  images, batches drawn from seed ``cfg.seed + salt``; the shared recipe of
+  RAPIDNN's retraining and CodeX's quantization-aware baseline."""
   tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr,
                      warmup_steps=max(1, cfg.steps // 10), weight_decay=0.0, seed=cfg.seed,
                      log_every=max(1, cfg.steps // 5))
-  res = train(loss_fn, trainable,
+  res = train(loss_fn, params,
               functools.partial(lambda s, step: data.image_batch(ds, cfg.batch, s, step),
-                                cfg.seed + 7),
-              tcfg, progress=progress, desc="retrain")
-  return merge(jax.device_get(res.params), fixed)
+                                cfg.seed + salt),
+              tcfg, progress=progress, desc=desc)
+  return jax.device_get(res.params)

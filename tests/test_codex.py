@@ -198,7 +198,7 @@ def test_tiny_study_records_and_the_rendered_report_agree(tmp_path):
   # No equal-bits cells (each is a retraining and a QAT compile): the AQT numerics
   # have their own test and the full study renders them.
   plan = study.CodexPlan(runs=(("digits", "mlp", 120),), evaluations=8, seeds=(0, 1),
-                         int_bits=(), qat=uniform.QATConfig(steps=10),
+                         int_bits=(), qat=retrain_cfg(),
                          retrain=retrain_cfg(), calib_images=128, val_images=200)
   r = study.run(ds, "mlp", 120, plan, str(tmp_path / "model"), None, progress=False)
   n = len(r["layers"])

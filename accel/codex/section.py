@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from accel import study as rapid_study
-from accel.codex import encoding, finn, fpga, study, uniform
+from accel.codex import encoding, finn, fpga, study
 from accel.program import program
 from accel.retrain import RetrainConfig
 from core import data, report
@@ -23,7 +23,7 @@ FULL = study.CodexPlan(
                for ds in ("fashion_mnist", "mnist5k", "digits") for m in ("cnn", "mlp")))
 # Quick: the RAPIDNN quick section's float model (same workdir: not retrained).
 QUICK = study.CodexPlan(runs=(("mnist5k", "mlp", 600),), evaluations=40, seeds=(0, 1),
-                        int_bits=(4, 2), qat=uniform.QATConfig(steps=100),
+                        int_bits=(4, 2), qat=RetrainConfig(steps=100, lr=5e-4),
                         retrain=RetrainConfig(steps=100, batch=64, lr=1e-3))
 
 

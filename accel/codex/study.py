@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from accel import rapidnn
 from accel import study as rapid_study
@@ -38,7 +37,7 @@ class CodexPlan:
   bound: float = 0.5          # accuracy points allowed below the 8-bit codebook
   saving: float = 1.5         # the budget: the smallest uniform width within bound / this
   int_bits: tuple[int, ...] = (8, 4, 2)
-  qat: uniform.QATConfig = uniform.QATConfig()
+  qat: RetrainConfig = RetrainConfig(lr=5e-4)   # AQT quantization-aware training
   retrain: RetrainConfig = RetrainConfig(steps=300, batch=64, lr=5e-4)
   calib_images: int = 512
   val_images: int = 500

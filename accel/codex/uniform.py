@@ -13,7 +13,6 @@ gradients. A b-bit layer quantizes both its input and its kernel to b bits.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -21,10 +20,10 @@ import jax.numpy as jnp
 
 from accel.codex.encoding import check_bits
 from accel.program import Op, linear_layers
-from core import data
+from accel.retrain import RetrainConfig, fine_tune
+from core import data, evaluation
 from core.models import cnn
 from core.recipes import classifier_loss
-from core.train import TrainConfig, train
 
 _DENSE_DN = (((1,), (0,)), ((), ()))
 
@@ -69,32 +68,18 @@ def forward(params: dict, ops: tuple[Op, ...], x: jax.Array, bits: tuple[int, ..
   return h
 
 
-@dataclasses.dataclass(frozen=True)
-class QATConfig:
-  steps: int = 300
-  batch: int = 64
-  lr: float = 5e-4
-  seed: int = 0
-
-
 def qat(params: dict, ops: tuple[Op, ...], bits: tuple[int, ...], ds: data.Dataset,
-        cfg: QATConfig, progress: bool = False) -> dict:
-  """Quantization-aware fine-tuning from ``params`` on ``ds``'s training split."""
+        cfg: RetrainConfig, progress: bool = False) -> dict:
+  """Quantization-aware fine-tuning from ``params`` on ``ds``'s training split (the
+  same recipe as centroid-preserving retraining, so the two compare at equal
+  training)."""
   loss_fn = classifier_loss(lambda p, x: forward(p, ops, x, bits))
-  tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch, lr=cfg.lr,
-                     warmup_steps=max(1, cfg.steps // 10), weight_decay=0.0, seed=cfg.seed,
-                     log_every=max(1, cfg.steps // 5))
-  res = train(loss_fn, params,
-              functools.partial(lambda s, step: data.image_batch(ds, cfg.batch, s, step),
-                                cfg.seed + 11),
-              tcfg, progress=progress, desc=f"AQT int{min(bits)}-{max(bits)}")
-  return jax.device_get(res.params)
+  return fine_tune(loss_fn, params, ds, cfg, salt=11, desc=f"AQT int{min(bits)}-{max(bits)}",
+                   progress=progress)
 
 
-def accuracy(params: dict, ops: tuple[Op, ...], bits: tuple[int, ...], x, y,
-             batch: int = 1000) -> float:
-  """Top-1 accuracy in points."""
-  fn = jax.jit(lambda p, xb: forward(p, ops, xb, bits).argmax(-1))
-  hits = sum(int(jnp.sum(fn(params, jnp.asarray(x[i:i + batch])) == jnp.asarray(y[i:i + batch])))
-             for i in range(0, len(x), batch))
-  return 100.0 * hits / len(x)
+def accuracy(params: dict, ops: tuple[Op, ...], bits: tuple[int, ...], x, y) -> float:
+  """Top-1 accuracy in points (AQT's scales are per example, so padding a batch
+  changes no other example's result)."""
+  apply = lambda p, xb: forward(p, ops, xb, bits)
+  return 100.0 * evaluation.classifier_metrics(apply, params, x, y)["accuracy"]
