@@ -3,7 +3,9 @@ study's model, trained here if absent) and of a ViT on Fashion-MNIST, trained
 from random and from subcloned init; ablations and peers on the LM.
 
   python -m experiments.subclone            # quick mode: ~4 min
-  python -m experiments.subclone --full     # full: ~45 min on 2 cores
+  python -m experiments.subclone --full     # full: ~3 h on 2 cores (iso-loss curves included)
+  python -m experiments.subclone --iso_only # the iso-loss curves alone at the full study's
+                                            # recipes, random vs subcloned: ~1 h
 
 Finished runs are cached under <outdir>/subclone/, so a rerun resumes.
 """
@@ -15,6 +17,8 @@ from subclone import section
 
 _FULL = flags.DEFINE_bool("full", False, "The full study (default: quick mode, small "
                           "budgets, one seed, one peer).")
+_ISO_ONLY = flags.DEFINE_bool("iso_only", False, "Only the iso-loss budget curves (full-mode "
+                              "budgets) at the recipes the full study chose.")
 _OUTDIR = flags.DEFINE_string("outdir", "results/subclone_study",
                                "Where REPORT.md, the JSON and the figures go.")
 
@@ -22,6 +26,11 @@ _OUTDIR = flags.DEFINE_string("outdir", "results/subclone_study",
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
+  if _ISO_ONLY.value:
+    sec = lambda quick, outdir: section.run(False, outdir, iso_only=True)
+    report.write_report_or_exit(f"{_OUTDIR.value}/REPORT_iso.md", [("subclone iso-loss", sec)],
+                                quick=False, outdir=_OUTDIR.value, echo=True)
+    return
   report.write_report_or_exit(f"{_OUTDIR.value}/REPORT.md", [("subclone", section.section)],
                               quick=not _FULL.value, outdir=_OUTDIR.value, echo=True)
 

@@ -24,18 +24,25 @@ class Plan:
   vit_parent_batch: int = 128
 
 
+# Iso-loss budgets (full mode only; the quick section keeps its one-budget
+# crossing-step speed-up and says so). An LM child step costs ~0.3 s here, so the
+# LM stops at 1,200 steps (2,250 steps per init and seed); the ViT's are cheap.
+LM_ISO_BUDGETS = (150, 300, 600, 1200)
+VIT_ISO_BUDGETS = (150, 300, 600, 1200, 2400)
+
 FULL = Plan(
     lm=study.StudyConfig(
         budget=Budget(steps=300, batch=16, eval_every=10),
         random_grid=(Recipe(3e-3, 0.1), Recipe(1e-3, 0.1), Recipe(6e-3, 0.1)),
         sub_grid=(Recipe(5e-4, 1e-3), Recipe(1e-3, 1e-3), Recipe(2e-3, 1e-3),
-                  Recipe(3e-3, 1e-3), Recipe(1e-3, 0.1)), ablation_seeds=(1, 2)),
+                  Recipe(3e-3, 1e-3), Recipe(1e-3, 0.1)), ablation_seeds=(1, 2),
+        iso_budgets=LM_ISO_BUDGETS),
     vit=study.StudyConfig(
         budget=Budget(steps=300, batch=64, eval_every=10),
         random_grid=(Recipe(1e-3, 0.01), Recipe(3e-3, 0.01)),
         sub_grid=(Recipe(3e-4, 1e-3), Recipe(1e-3, 1e-3), Recipe(3e-3, 1e-3)), depth_frac=1.0,
         calib=256,
-        eval_size=20),
+        eval_size=20, iso_budgets=VIT_ISO_BUDGETS),
     vit_parent_steps=2000)
 
 QUICK = Plan(
@@ -48,6 +55,14 @@ QUICK = Plan(
         sub_grid=(Recipe(1e-3, 1e-3),), seeds=(1,), depth_frac=1.0, calib=128, eval_size=10),
     vit_parent_steps=200, vit_parent_batch=64)   # 300 steps cost 16 s more of the main job
 
+
+# Step 4 alone (`--iso_only`) at the recipes the full study chose (docs/RESULTS.md:
+# LM random lr 3e-3 wd 0.1, subcloned 3e-3 / 1e-3; ViT 3e-3 / 0.01 and 1e-3 / 1e-3),
+# random and subcloned inits only: the same cache as the full study's step 4.
+ISO_ONLY = dataclasses.replace(
+    FULL, lm=dataclasses.replace(FULL.lm, recipes=(Recipe(3e-3, 0.1), Recipe(3e-3, 1e-3)),
+                                 ablations=()),
+    vit=dataclasses.replace(FULL.vit, recipes=(Recipe(3e-3, 0.01), Recipe(1e-3, 1e-3))))
 
 VIT_VAL_IMAGES = 1000  # carved from training images; the ViT sweep chooses recipes on them
 
@@ -101,14 +116,76 @@ def _model_line(c: dict) -> str:
   return f"d={c['d_model']}, L={c['n_layers']}, H={c['n_heads']}, F={c['d_ff']}"
 
 
+def _iso_cell(rows: list[dict]) -> str:
+  """Mean (min-max) over seeds of one budget's iso-loss speed-ups; '>=' / '<='
+  where a censored side makes a seed's value a bound, 'never' if not reached."""
+  if any(r["speedup"] is None for r in rows):
+    return "never" if all(r["speedup"] is None for r in rows) else "not every seed"
+  xs = [r["speedup"] for r in rows]
+  mark = {"lower": ">=", "upper": "<=", "unknown": "~"}
+  bounds = {mark[r["bound"]] for r in rows if r["bound"]}
+  tag = "".join(sorted(bounds)) + " " if bounds else ""
+  return f"{tag}{np.mean(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
+
+
+def iso_records(iso: dict) -> list[dict]:
+  """One record per random-init budget b: the random run's mean final loss at b
+  and, per init, the iso-loss speed-up rows of every seed at that level."""
+  seeds = [str(s) for s in iso["seeds"]]
+  finals = {n: {str(s): v for s, v in per.items()} for n, per in iso["final_loss"].items()}
+  sp = {n: {str(s): v for s, v in per.items()} for n, per in iso["speedup"].items()}
+  return [{"budget": b, "random_final": float(np.mean([finals["random init"][s][i]
+                                                       for s in seeds])),
+           "speedup": {n: [per[s][i] for s in seeds] for n, per in sp.items()}}
+          for i, b in enumerate(iso["budgets"])]
+
+
+def render_iso(iso: dict, label: str, outdir: str, tag: str) -> list[str]:
+  recs = iso_records(iso)
+  names = list(recs[0]["speedup"])
+  rows = [[r["budget"], f"{r['random_final']:.3f}", *(_iso_cell(r["speedup"][n]) for n in names)]
+          for r in recs]
+  series = {}
+  for n in names:
+    for j, s in enumerate(iso["seeds"]):
+      pts = [(r["budget"], r["speedup"][n][j]["speedup"]) for r in recs
+             if r["speedup"][n][j]["speedup"] is not None]
+      if pts and (n == "subcloned" or j == 0):
+        series[f"{n} seed {s}"] = tuple(zip(*pts))
+  fig = report.line_plot(os.path.join(outdir, "figures", f"subclone_iso_{tag}.png"), series,
+                         xlabel="random init's budget (steps)",
+                         ylabel="iso-loss speed-up (x)", title=f"{label}: iso-loss speed-up",
+                         logx=True)
+  four = [r["budget"] for r in recs
+          if all(x["speedup"] is not None and x["speedup"] >= 4 for x in r["speedup"]["subcloned"])]
+  return [
+      f"Iso-loss budget curve ({label}; seeds {', '.join(map(str, iso['seeds']))}; each budget "
+      "a full run with its own warmup+cosine schedule, recipes as chosen above): the speed-up at "
+      "the random init's final loss after b steps is b over the budget the other init needs for "
+      "that loss, interpolated in log-budget between its own runs. '>=': the init reached the "
+      "level already at the smallest budget run, so the value is a lower bound ('<=': the "
+      "random init did, an upper bound; '~': both did, no bound either way); 'never': not "
+      f"reached within {iso['budgets'][-1]} steps. **Budgets where subcloning is >= 4x on "
+      f"every seed: {', '.join(map(str, four)) or 'none'}.**",
+      report.markdown_table(["random budget b", "random final loss (mean)", *names], rows),
+      f"![{tag} iso-loss]({os.path.relpath(fig, outdir)})"]
+
+
 def render(lm_res: dict, vit_res: dict, extra: dict, outdir: str) -> report.Section:
   fig_dir = os.path.join(outdir, "figures")
   parts = []
   for label, res in (("LM (KJV bytes)", lm_res), (f"ViT ({vit_res['dataset']})", vit_res)):
+    tag = "lm" if label.startswith("LM") else "vit"
+    if res.get("recipes_given"):
+      rr, sr = res["random_recipe"], res["sub_recipe"]
+      parts.append(f"**{label}**: parent {_model_line(res['parent_config'])} ({extra[tag]}) -> "
+                   f"child {_model_line(res['child_config'])}; recipes given (random lr "
+                   f"{rr['lr']:g} wd {rr['wd']:g}, subcloned lr {sr['lr']:g} wd {sr['wd']:g}).")
+      parts += render_iso(res["iso"], label, outdir, tag)
+      continue
     sp = [r["speedup"] for r in res["seeds"].values()]
     sweep = "; ".join(f"{k}: {v['speedup']:.2f}x" for k, v in res["sweep"].items())
     rr, sr = res["random_recipe"], res["sub_recipe"]
-    tag = "lm" if label.startswith("LM") else "vit"
     fig = _curves_plot(res, os.path.join(fig_dir, f"subclone_{tag}.png"), f"{label}: child")
     parts += [
         f"**{label}**: parent {_model_line(res['parent_config'])} ({extra[tag]}) -> child "
@@ -118,6 +195,13 @@ def render(lm_res: dict, vit_res: dict, extra: dict, outdir: str) -> report.Sect
         f"subcloned at lr {sr['lr']:g}, wd {sr['wd']:g} (sweep seed speed-ups: {sweep}). "
         f"**Speed-up over {len(sp)} seed(s): {_spread(sp)}.**",
         _seed_table(res), f"![{tag} curves]({os.path.relpath(fig, outdir)})"]
+    if "iso" in res:
+      parts += render_iso(res["iso"], label, outdir, tag)
+    else:
+      parts.append("Iso-loss budget curves: full mode only (`python -m experiments.subclone "
+                   "--full`); the crossing-step speed-up above is at one budget.")
+  if "variants" not in lm_res:
+    return report.Section("Subclone: iso-loss budget curves", "\n\n".join(parts))
   spreads = lm_res.get("variant_speedups", {})
   rows = [[n, f"{v['run']['initial_loss']:.3f}", f"{v['run']['final_loss']:.3f}",
            _fmt_steps(v["steps"]), f"{v['speedup']:.2f}x",
@@ -142,8 +226,12 @@ def render(lm_res: dict, vit_res: dict, extra: dict, outdir: str) -> report.Sect
   return report.Section("Subclone: training speed of subcloned vs random init", "\n\n".join(parts))
 
 
-def run(quick: bool, outdir: str, progress: bool = True) -> report.Section:
-  plan = QUICK if quick else FULL
+def run(quick: bool, outdir: str, progress: bool = True, iso_only: bool = False
+        ) -> report.Section:
+  """The section; ``iso_only`` runs step 4 alone at ``ISO_ONLY``'s recipes (full mode)."""
+  if quick and iso_only:
+    raise ValueError("iso_only runs the full mode's budgets; drop quick")
+  plan = ISO_ONLY if iso_only else QUICK if quick else FULL
   mode = "quick" if quick else "full"
   trained = spd_study.train_model(spd_study.QUICK if quick else spd_study.FULL,
                                   spd_study.default_model_dir(quick, outdir), progress)
@@ -156,7 +244,7 @@ def run(quick: bool, outdir: str, progress: bool = True) -> report.Section:
                             val=val)
   extra = {"lm": f"val loss {trained.metrics['loss']:.3f}",
            "vit": f"test accuracy {100 * vmetrics['accuracy']:.1f}%"}
-  with open(os.path.join(outdir, f"subclone_{mode}.json"), "w") as f:
+  with open(os.path.join(outdir, f"subclone_{'iso' if iso_only else mode}.json"), "w") as f:
     json.dump({"lm": lm_res, "vit": vit_res, "extra": extra}, f, indent=1, default=float)
   return render(lm_res, vit_res, extra, outdir)
 

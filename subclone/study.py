@@ -11,6 +11,10 @@ Protocol, per model:
 3. Ablations and peers (LM; the chosen subcloned recipe, same budget, on the
    sweep seed and ``ablation_seeds``): each variant's speed-up against the
    random-init run of the same seed.
+4. Iso-loss budget curves (``iso_budgets``; full mode): every init at the
+   chosen recipe, trained to each budget with a schedule of that length, on the
+   report seeds; the speed-up at the random run's final loss for budget b is b
+   over the budget the other init needs for that loss (``subclone.isoloss``).
 Every finished run is cached in a JSON file so an interrupted study resumes.
 """
 
@@ -30,7 +34,7 @@ from core.cache import RunCache, params_fingerprint
 from core.checkpoint import CheckpointManager
 from core.models import lm, vit
 from core.recipes import classifier_loss
-from subclone import peers
+from subclone import isoloss, peers
 from subclone.importance import lm_importance, vit_importance
 from subclone.speedup import Budget, Recipe, speedup, train_run
 from subclone.surgery import ChildSpec, child_config, subclone_lm, subclone_vit
@@ -52,6 +56,15 @@ class StudyConfig:
   calib: int = 16                # calibration sequences / images for importance
   eval_size: int = 16            # validation windows (LM) / hundreds of test images (ViT)
   seq_len: int = 128
+  iso_budgets: tuple[int, ...] = ()  # step 4; empty: skipped
+  iso_seeds: tuple[int, ...] = (1, 2)
+  # (random, subcloned) recipes: skip steps 1-3 and run step 4 at these (e.g. a
+  # full study's earlier choice); None: steps 1-3 choose them.
+  recipes: tuple[Recipe, Recipe] | None = None
+
+  def __post_init__(self):
+    if self.recipes is not None and not self.iso_budgets:
+      raise ValueError("StudyConfig.recipes skips steps 1-3, so it needs iso_budgets (step 4)")
 
 
 def child_spec(cfg: Any, depth_frac: float) -> ChildSpec:
@@ -113,6 +126,14 @@ def _compare(children: dict[str, Callable[[], Any]], random_init: Callable[[int]
           "ablation_seeds": list(cfg.ablation_seeds)}
 
 
+def _compare_or_fixed(children, random_init, cfg: StudyConfig, run, select_run=None) -> dict:
+  if cfg.recipes is None:
+    return _compare(children, random_init, cfg, run, select_run)
+  rand, sub = cfg.recipes
+  return {"random_recipe": dataclasses.asdict(rand), "sub_recipe": dataclasses.asdict(sub),
+          "recipes_given": True}
+
+
 # Bump when a change here alters what a cached run would contain.
 CODE_VERSION = "subclone-study-2 (validation selection)"
 
@@ -135,6 +156,54 @@ def _runner(cache: RunCache, init_loss: Callable, batch_fn: Callable, eval_fn: C
         init(), init_loss, functools.partial(batch_fn, seed), eval_fn, recipe, budget, seed,
         desc=f"{name} {recipe.tag} seed {seed}", progress=progress))
   return run
+
+
+def _iso_runner(cache_path: str | None, meta: dict, init_loss: Callable, batch_fn: Callable,
+                eval_fn: Callable, budget: Budget, progress: bool) -> Callable:
+  """Like ``_runner`` with the step budget as an argument: its own cache file,
+  whose fingerprint leaves the study's step budget out."""
+  meta = {**meta, "study": {k: v for k, v in meta["study"].items() if k != "budget"},
+          "batch": budget.batch, "warmup_frac": budget.warmup_frac}
+  cache = RunCache(cache_path, meta)
+
+  def run(name: str, init: Callable[[], Any], recipe: Recipe, seed: int, steps: int) -> dict:
+    b = dataclasses.replace(budget, steps=steps, eval_every=max(10, steps // 10))
+    return cache.get(f"{name}|{recipe.tag}|seed{seed}|steps{steps}", lambda: train_run(
+        init(), init_loss, functools.partial(batch_fn, seed), eval_fn, recipe, b, seed,
+        desc=f"{name} {recipe.tag} seed {seed} ({steps} steps)", progress=progress))
+  return run
+
+
+def iso_curves(inits: dict[str, tuple[Callable[[int], Any], Recipe]], run: Callable,
+               budgets: tuple[int, ...], seeds: tuple[int, ...]) -> dict:
+  """Step 4: ``inits`` maps a name to (init as a function of the seed, recipe);
+  'random init' is the reference. ``run(name, init, recipe, seed, steps)``
+  trains one run. Returns per init and seed the final losses at ``budgets``
+  and the iso-loss speed-ups at the reference's final losses."""
+  if "random init" not in inits:
+    raise ValueError("iso_curves needs a 'random init' entry as the reference")
+  if len(budgets) < 2:
+    raise ValueError(f"an iso-loss curve needs at least 2 budgets, got {budgets}")
+  finals = {name: {s: [run(name, lambda: init(s), recipe, s, b)["final_loss"] for b in budgets]
+                   for s in seeds} for name, (init, recipe) in inits.items()}
+  ref = finals["random init"]
+  speedups = {name: {s: isoloss.speedup_curve((budgets, ref[s]), (budgets, f), ref[s])
+                     for s, f in per.items()}
+              for name, per in finals.items() if name != "random init"}
+  return {"budgets": list(budgets), "seeds": list(seeds), "final_loss": finals,
+          "speedup": speedups}
+
+
+def _iso_path(cache_path: str | None) -> str | None:
+  return None if cache_path is None else cache_path.removesuffix(".json") + "_iso.json"
+
+
+def _iso_inits(children: dict, random_init: Callable, cfg: StudyConfig, out: dict) -> dict:
+  """Step 4's inits at the recipes steps 1-3 chose (the children ignore the seed)."""
+  rand, best = Recipe(**out["random_recipe"]), Recipe(**out["sub_recipe"])
+  names = ["subcloned", *(n for n in cfg.ablations if n in children)]
+  return {"random init": (random_init, rand)} | {
+      n: ((lambda s, f=children[n]: f()), best) for n in names}
 
 
 def lm_study(parent: dict, parent_cfg: lm.LMConfig, cfg: StudyConfig, cache_path: str | None,
@@ -163,7 +232,15 @@ def lm_study(parent: dict, parent_cfg: lm.LMConfig, cfg: StudyConfig, cache_path
                 lambda seed, step: data.text_batch(ds.x_train, cfg.budget.batch, cfg.seq_len,
                                                    seed, step),
                 lambda p: evaluation.lm_metrics(apply, p, windows)["loss"], cfg.budget, progress)
-  out = _compare(children, lambda s: lm.init(jax.random.key(s), ccfg), cfg, run)
+  random_init = lambda s: lm.init(jax.random.key(s), ccfg)
+  out = _compare_or_fixed(children, random_init, cfg, run)
+  if cfg.iso_budgets:
+    iso_run = _iso_runner(
+        _iso_path(cache_path), meta, functools.partial(lm.loss, cfg=ccfg),
+        lambda seed, step: data.text_batch(ds.x_train, cfg.budget.batch, cfg.seq_len, seed, step),
+        lambda p: evaluation.lm_metrics(apply, p, windows)["loss"], cfg.budget, progress)
+    out["iso"] = iso_curves(_iso_inits(children, random_init, cfg, out), iso_run,
+                            cfg.iso_budgets, cfg.iso_seeds)
   return {"parent_config": dataclasses.asdict(parent_cfg), "child_config": dataclasses.asdict(ccfg),
           "block_influence": bi.tolist(), **out}
 
@@ -193,7 +270,17 @@ def vit_study(parent: dict, parent_cfg: vit.ViTConfig, ds: data.Dataset, cfg: St
       key_prefix=prefix)
   run = make(x_eval, y_eval, "")
   select_run = make(val[0][:n_eval], val[1][:n_eval], "val|") if val is not None else run
-  out = _compare({"subcloned": lambda: child}, lambda s: vit.init(jax.random.key(s), ccfg),
-                 dataclasses.replace(cfg, ablations=()), run, select_run)
+  random_init = lambda s: vit.init(jax.random.key(s), ccfg)
+  children = {"subcloned": lambda: child}
+  out = _compare_or_fixed(children, random_init, dataclasses.replace(cfg, ablations=()), run,
+                          select_run)
+  if cfg.iso_budgets:
+    iso_run = _iso_runner(
+        _iso_path(cache_path), meta, classifier_loss(apply),
+        lambda seed, step: data.image_batch(ds, cfg.budget.batch, seed, step),
+        lambda p: evaluation.classifier_metrics(apply, p, x_eval, y_eval)["loss"], cfg.budget,
+        progress)
+    out["iso"] = iso_curves(_iso_inits(children, random_init, cfg, out), iso_run,
+                            cfg.iso_budgets, cfg.iso_seeds)
   return {"parent_config": dataclasses.asdict(parent_cfg), "child_config": dataclasses.asdict(ccfg),
           "dataset": ds.name, "selection": "validation" if val is not None else "test", **out}

@@ -51,3 +51,40 @@ def test_a_non_monotone_curve_is_read_at_its_first_crossing():
 def test_bad_curves_raise(budgets, losses, match):
   with pytest.raises(ValueError, match=match):
     isoloss.budget_to_reach(budgets, losses, 0.5)
+
+
+def test_iso_curves_trains_each_init_at_each_budget_and_renders_the_speedups(tmp_path):
+  """The study's step 4 with a stand-in trainer whose final loss is log-linear in
+  the budget: the subcloned init is the random one shifted 4x in budget."""
+  from subclone import section, study
+  from subclone.speedup import Recipe
+  calls = []
+
+  def run(name, init, recipe, seed, steps):
+    calls.append((name, init(), recipe.lr, seed, steps))
+    shift = {"random init": 1.0, "subcloned": 4.0, "late": 0.5}[name]
+    return {"final_loss": 3.0 - 0.2 * math.log(steps * shift) + 0.01 * seed}
+
+  inits = {"random init": (lambda s: f"rand{s}", Recipe(3e-3, 0.1)),
+           "subcloned": (lambda s: "child", Recipe(1e-3, 0.0)),
+           "late": (lambda s: "other", Recipe(1e-3, 0.0))}
+  iso = study.iso_curves(inits, run, (150, 300, 600, 1200), (1, 2))
+  assert len(calls) == 3 * 4 * 2 and ("random init", "rand2", 3e-3, 2, 600) in calls
+  s1 = iso["speedup"]["subcloned"][1]
+  # The random run's 1200-step loss: the subcloned one needs 300 steps (interior: exact).
+  assert s1[3]["speedup"] == pytest.approx(4.0) and s1[3]["bound"] is None
+  # Its 300- and 600-step losses: reached at the smallest budget run, lower bounds;
+  # the 150-step one is censored on both sides.
+  assert [r["bound"] for r in s1[:3]] == ["unknown", "lower", "lower"]
+  late = iso["speedup"]["late"][1]
+  assert late[3]["speedup"] is None and late[2]["speedup"] == pytest.approx(0.5)
+  text = "\n".join(section.render_iso(iso, "LM", str(tmp_path), "lm"))
+  # Mean random final loss at 1200 steps: 3 - 0.2 ln 1200 + 0.015 = 1.597.
+  assert "| 1,200 | 1.597 | 4.00x (4.00-4.00) | never |" in text
+  assert "| 600 | 1.736 | >= 4.00x (4.00-4.00) | 0.50x (0.50-0.50) |" in text
+  assert "| 150 | 2.013 | ~ 1.00x (1.00-1.00) | <= 0.50x" in text
+  assert "Budgets where subcloning is >= 4x on every seed: 600, 1200." in text
+  with pytest.raises(ValueError, match="random init"):
+    study.iso_curves({"subcloned": inits["subcloned"]}, run, (150, 300), (1,))
+  with pytest.raises(ValueError, match="at least 2 budgets"):
+    study.iso_curves(inits, run, (150,), (1,))
