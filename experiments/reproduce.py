@@ -26,6 +26,7 @@ SECTIONS: list[tuple[str, report.SectionFn]] = [
     ("spd_latency", latency_report.section),
     ("spd_accuracy", study.section),
     ("subclone", subclone_section.section),
+    ("subclone_minilm", subclone_section.minilm_section),   # full mode only; needs `make minilm`
     ("rapidnn", rapidnn_section.section),
     ("codex", codex_section.section),
     ("cleann", cleann_section.section),

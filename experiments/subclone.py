@@ -6,6 +6,7 @@ from random and from subcloned init; ablations and peers on the LM.
   python -m experiments.subclone --full     # full: ~3 h on 2 cores (iso-loss curves included)
   python -m experiments.subclone --iso_only # the iso-loss curves alone at the full study's
                                             # recipes, random vs subcloned: ~1 h
+  python -m experiments.subclone --minilm   # all-MiniLM-L6-v2 -> half-width child (make minilm)
 
 Finished runs are cached under <outdir>/subclone/, so a rerun resumes.
 """
@@ -19,6 +20,8 @@ _FULL = flags.DEFINE_bool("full", False, "The full study (default: quick mode, s
                           "budgets, one seed, one peer).")
 _ISO_ONLY = flags.DEFINE_bool("iso_only", False, "Only the iso-loss budget curves (full-mode "
                               "budgets) at the recipes the full study chose.")
+_MINILM = flags.DEFINE_bool("minilm", False, "Only the MiniLM-L6 subcloning study (needs "
+                            "`make minilm`; ~40 min).")
 _OUTDIR = flags.DEFINE_string("outdir", "results/subclone_study",
                                "Where REPORT.md, the JSON and the figures go.")
 
@@ -26,6 +29,11 @@ _OUTDIR = flags.DEFINE_string("outdir", "results/subclone_study",
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
+  if _MINILM.value:
+    report.write_report_or_exit(f"{_OUTDIR.value}/REPORT_minilm.md",
+                                [("subclone MiniLM", section.minilm_section)], quick=False,
+                                outdir=_OUTDIR.value, echo=True)
+    return
   if _ISO_ONLY.value:
     sec = lambda quick, outdir: section.run(False, outdir, iso_only=True)
     report.write_report_or_exit(f"{_OUTDIR.value}/REPORT_iso.md", [("subclone iso-loss", sec)],

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core.models import check_params, layers, lm, vit
+from core.models import bert, check_params, layers, lm, vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,5 +83,33 @@ def vit_importance(params: dict, images, cfg: vit.ViTConfig) -> Importance:
     return residual, heads, mlp
 
   residual, heads, mlp = jax.device_get(collect(params, jnp.asarray(images)))
+  return Importance(np.asarray(residual), tuple(map(np.asarray, heads)),
+                    tuple(map(np.asarray, mlp)))
+
+
+def bert_importance(params: dict, ids_BxL, mask_BxL, cfg: bert.BertConfig) -> Importance:
+  """The three rankings for post-LN BERT, averaged over unpadded tokens only. The
+  residual stream is the LayerNorm output after the embeddings and after each
+  block (post-LN renormalises it every block, so those are what later layers read)."""
+  check_params(bert.init, params, cfg, "bert_importance")
+
+  @jax.jit
+  def collect(params, ids, mask):
+    w = mask.astype(jnp.float32)[..., None]
+    mean = lambda a: jnp.sum(jnp.abs(a) * (w if a.ndim == 3 else w[..., None]),
+                             axis=(0, 1)) / jnp.sum(w)
+    x = bert.embed(params, ids, cfg)
+    residual, heads, mlp = mean(x), [], []
+    for i in range(cfg.n_layers):
+      p = params[bert.block_key(i)]
+      heads.append(jnp.mean(mean(bert.attention_heads(p["attn"], x, mask)), axis=-1))
+      x_mid = bert.block_attention_residual(p, x, mask, cfg)
+      mlp.append(mean(bert.mlp_hidden(p["mlp"], x_mid)))
+      x = bert.block(p, x, mask, cfg)
+      residual = residual + mean(x)
+    return residual, heads, mlp
+
+  residual, heads, mlp = jax.device_get(collect(params, jnp.asarray(ids_BxL),
+                                                jnp.asarray(mask_BxL)))
   return Importance(np.asarray(residual), tuple(map(np.asarray, heads)),
                     tuple(map(np.asarray, mlp)))

@@ -59,8 +59,10 @@ def speedup(reference: dict, run: dict) -> dict:
 
 def train_run(init: Any, loss_fn: Callable, batch_fn: Callable[[int], dict],
               eval_fn: Callable[[Any], float], recipe: Recipe, budget: Budget, seed: int, *,
-              desc: str = "child", progress: bool = True) -> dict:
-  """Trains ``init`` with ``recipe`` for ``budget``; returns the run record."""
+              desc: str = "child", progress: bool = True,
+              final_fn: Callable[[Any], dict] | None = None) -> dict:
+  """Trains ``init`` with ``recipe`` for ``budget``; returns the run record
+  (with ``final_fn``'s metrics of the init and of the trained params)."""
   tcfg = TrainConfig(steps=budget.steps, batch_size=budget.batch, lr=recipe.lr,
                      weight_decay=recipe.wd, seed=seed,
                      warmup_steps=max(1, int(budget.steps * budget.warmup_frac)),
@@ -69,4 +71,7 @@ def train_run(init: Any, loss_fn: Callable, batch_fn: Callable[[int], dict],
   res = train(loss_fn, init, batch_fn, tcfg, eval_fn=lambda p: {"loss": eval_fn(p)},
               progress=progress, desc=desc)
   curve = [(0, initial)] + [(r["step"], r["loss"]) for r in res.history if r["split"] == "eval"]
-  return {"initial_loss": initial, "final_loss": curve[-1][1], "curve": curve}
+  record = {"initial_loss": initial, "final_loss": curve[-1][1], "curve": curve}
+  if final_fn is not None:
+    record |= {"initial_metrics": final_fn(init), "final_metrics": final_fn(res.params)}
+  return record

@@ -158,10 +158,11 @@ def _runner(cache: RunCache, init_loss: Callable, batch_fn: Callable, eval_fn: C
   return run
 
 
-def _iso_runner(cache_path: str | None, meta: dict, init_loss: Callable, batch_fn: Callable,
-                eval_fn: Callable, budget: Budget, progress: bool) -> Callable:
+def iso_runner(cache_path: str | None, meta: dict, init_loss: Callable, batch_fn: Callable,
+               eval_fn: Callable, budget: Budget, progress: bool,
+               final_fn: Callable[[Any], dict] | None = None) -> Callable:
   """Like ``_runner`` with the step budget as an argument: its own cache file,
-  whose fingerprint leaves the study's step budget out."""
+  whose fingerprint leaves the study's step budget out (``meta['study']``)."""
   meta = {**meta, "study": {k: v for k, v in meta["study"].items() if k != "budget"},
           "batch": budget.batch, "warmup_frac": budget.warmup_frac}
   cache = RunCache(cache_path, meta)
@@ -170,7 +171,8 @@ def _iso_runner(cache_path: str | None, meta: dict, init_loss: Callable, batch_f
     b = dataclasses.replace(budget, steps=steps, eval_every=max(10, steps // 10))
     return cache.get(f"{name}|{recipe.tag}|seed{seed}|steps{steps}", lambda: train_run(
         init(), init_loss, functools.partial(batch_fn, seed), eval_fn, recipe, b, seed,
-        desc=f"{name} {recipe.tag} seed {seed} ({steps} steps)", progress=progress))
+        desc=f"{name} {recipe.tag} seed {seed} ({steps} steps)", progress=progress,
+        final_fn=final_fn))
   return run
 
 
@@ -235,7 +237,7 @@ def lm_study(parent: dict, parent_cfg: lm.LMConfig, cfg: StudyConfig, cache_path
   random_init = lambda s: lm.init(jax.random.key(s), ccfg)
   out = _compare_or_fixed(children, random_init, cfg, run)
   if cfg.iso_budgets:
-    iso_run = _iso_runner(
+    iso_run = iso_runner(
         _iso_path(cache_path), meta, functools.partial(lm.loss, cfg=ccfg),
         lambda seed, step: data.text_batch(ds.x_train, cfg.budget.batch, cfg.seq_len, seed, step),
         lambda p: evaluation.lm_metrics(apply, p, windows)["loss"], cfg.budget, progress)
@@ -275,7 +277,7 @@ def vit_study(parent: dict, parent_cfg: vit.ViTConfig, ds: data.Dataset, cfg: St
   out = _compare_or_fixed(children, random_init, dataclasses.replace(cfg, ablations=()), run,
                           select_run)
   if cfg.iso_budgets:
-    iso_run = _iso_runner(
+    iso_run = iso_runner(
         _iso_path(cache_path), meta, classifier_loss(apply),
         lambda seed, step: data.image_batch(ds, cfg.budget.batch, seed, step),
         lambda p: evaluation.classifier_metrics(apply, p, x_eval, y_eval)["loss"], cfg.budget,

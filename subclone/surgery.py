@@ -1,4 +1,4 @@
-"""Weight-subcloning surgery on LM param pytrees.
+"""Weight-subcloning surgery on LM, ViT and BERT param pytrees.
 
 Every parameter is indexed with the same index sets: residual-stream neurons
 (global), KV-head groups and MLP units (per kept block), blocks (middle ones
@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from core.models import lm, vit
+from core.models import bert, lm, vit
 from subclone.importance import Importance, ranking
 
 ORDERS = ("importance", "first", "random", "uniform")
@@ -161,4 +161,46 @@ def subclone_vit(params: dict, cfg: vit.ViTConfig, importance: Importance, spec:
                  "wo": a["wo"][h_idx][:, :, d_idx], "bo": a["bo"][d_idx]},
         "mlp": {"w1": m["w1"][d_idx][:, f_idx] * s, "b1": m["b1"][f_idx],
                 "w2": m["w2"][f_idx][:, d_idx], "b2": m["b2"][d_idx]}}
+  return child, ccfg
+
+
+def bert_child_config(cfg: bert.BertConfig, spec: ChildSpec) -> bert.BertConfig:
+  _check_spec(cfg, spec)
+  return dataclasses.replace(cfg, d_model=spec.d_model, n_heads=spec.n_heads, d_ff=spec.d_ff,
+                             n_layers=spec.n_layers)
+
+
+def subclone_bert(params: dict, cfg: bert.BertConfig, importance: Importance, spec: ChildSpec,
+                  *, blocks: str | Sequence[int] = "middle", scale: bool = True,
+                  order: str = "importance", seed: int = 0) -> tuple[dict, bert.BertConfig]:
+  """Post-LN BERT surgery. Every LayerNorm renormalises over the kept neurons,
+  so the residual stream needs no rescaling: LN scales and biases are only
+  subsampled, as are the writers into the stream (out projection, MLP output,
+  embeddings). The readers of the stream (Q/K/V, the MLP's first layer, the
+  pooler) sum over d' instead of d inputs and are multiplied by sqrt(d/d'),
+  as in the pre-LN models."""
+  ccfg = bert_child_config(cfg, spec)
+  rng = np.random.default_rng(seed)
+  d_idx = _select(importance.residual, spec.d_model, order, rng)
+  s = math.sqrt(cfg.d_model / spec.d_model) if scale else 1.0
+  ln = lambda p: {"scale": p["scale"][d_idx], "bias": p["bias"][d_idx]}
+  e = params["embed"]
+  child = {"embed": {"word": e["word"][:, d_idx], "position": e["position"][:, d_idx],
+                     "token_type": e["token_type"][:, d_idx], "norm": ln(e["norm"])}}
+  if cfg.pooler:
+    child["pooler"] = {"kernel": params["pooler"]["kernel"][d_idx][:, d_idx] * s,
+                       "bias": params["pooler"]["bias"][d_idx]}
+  for new_i, old_i in enumerate(_kept(cfg.n_layers, spec.n_layers, blocks)):
+    p = params[bert.block_key(old_i)]
+    h_idx = _select(importance.heads[old_i], spec.n_heads, order, rng)
+    f_idx = _select(importance.mlp[old_i], spec.d_ff, order, rng)
+    a, m = p["attn"], p["mlp"]
+    child[bert.block_key(new_i)] = {
+        "attn": {"wq": a["wq"][d_idx][:, h_idx] * s, "bq": a["bq"][h_idx],
+                 "wk": a["wk"][d_idx][:, h_idx] * s, "bk": a["bk"][h_idx],
+                 "wv": a["wv"][d_idx][:, h_idx] * s, "bv": a["bv"][h_idx],
+                 "wo": a["wo"][h_idx][:, :, d_idx], "bo": a["bo"][d_idx]},
+        "attn_norm": ln(p["attn_norm"]), "mlp_norm": ln(p["mlp_norm"]),
+        "mlp": {"w_in": m["w_in"][d_idx][:, f_idx] * s, "b_in": m["b_in"][f_idx],
+                "w_out": m["w_out"][f_idx][:, d_idx], "b_out": m["b_out"][d_idx]}}
   return child, ccfg

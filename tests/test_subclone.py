@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from core import checkpoint
-from core.models import lm, vit
+from core.models import bert, lm, vit
 from subclone import importance, surgery
 
 CFG = lm.LMConfig(vocab_size=256, d_model=32, n_layers=4, n_heads=4, d_ff=48, max_seq_len=16)
@@ -146,6 +146,60 @@ def test_vit_identity_and_permuted_subclone_keep_the_function():
   vit_apply = jax.jit(vit.apply, static_argnums=2)
   np.testing.assert_allclose(vit_apply(perm, images, VIT), vit_apply(params, images, VIT),
                              atol=1e-4)
+
+
+BERT = bert.BertConfig(vocab_size=60, d_model=32, n_layers=3, n_heads=4, d_ff=48,
+                       max_positions=16)
+
+
+def _bert_parent():
+  # Random LayerNorm parameters, so a wrong LN subsampling cannot hide behind ones/zeros.
+  params = jax.tree_util.tree_map(
+      lambda x: x + 0.2 * jax.random.normal(jax.random.key(7), x.shape),
+      bert.init(jax.random.key(0), BERT))
+  ids = jax.random.randint(jax.random.key(1), (4, 12), 1, 60)
+  mask = jnp.asarray(np.arange(12)[None] < np.array([12, 9, 5, 12])[:, None], jnp.int32)
+  return params, ids, mask, importance.bert_importance(params, ids, mask, BERT)
+
+
+def test_bert_identity_and_permuted_subclone_keep_the_function():
+  """Post-LN surgery: the identity spec returns the parent; an importance-ordered
+  full-size child (a permutation of the residual neurons, heads and units) is the
+  same function, its sentence embedding the parent's permuted."""
+  params, ids, mask, imp = _bert_parent()
+  spec = surgery.ChildSpec(32, 4, 48, 3)
+  same, ccfg = surgery.subclone_bert(params, BERT, imp, spec, order="first")
+  assert ccfg == BERT
+  chex.assert_trees_all_equal(same, params)
+  perm, _ = surgery.subclone_bert(params, BERT, imp, spec)
+  d_idx = importance.ranking(imp.residual)
+  assert not np.array_equal(d_idx, np.arange(32))   # a real permutation
+  emb = jax.jit(bert.sentence_embedding, static_argnums=(3, 4))
+  want = emb(params, ids, mask, BERT, False)[:, d_idx]
+  np.testing.assert_allclose(emb(perm, ids, mask, BERT, False), want, atol=2e-5)
+
+
+def test_bert_importance_ignores_padding_and_the_half_width_child_is_valid():
+  params, ids, mask, imp = _bert_parent()
+  # Padded positions carry no weight: scoring the rows as padded or cut gives the same.
+  alone = importance.bert_importance(params, ids[2:3, :5], mask[2:3, :5], BERT)
+  padded = importance.bert_importance(params, ids[2:3], mask[2:3], BERT)
+  np.testing.assert_allclose(padded.residual, alone.residual, rtol=1e-5)
+  np.testing.assert_allclose(padded.mlp[1], alone.mlp[1], rtol=1e-5)
+  child, ccfg = surgery.subclone_bert(params, BERT, imp, surgery.ChildSpec(16, 2, 24, 2))
+  chex.assert_trees_all_equal_shapes_and_dtypes(child, bert.init(jax.random.key(0), ccfg))
+  kept = surgery.kept_blocks(3, 2)
+  d_idx = importance.ranking(imp.residual)[:16]
+  # A reader of the stream is scaled by sqrt(32/16); LN parameters only subsampled.
+  np.testing.assert_allclose(child["block_1"]["mlp"]["w_in"][:, 0],
+                             params[f"block_{kept[1]}"]["mlp"]["w_in"][
+                                 d_idx, importance.ranking(imp.mlp[kept[1]])[0]] * np.sqrt(2),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(child["block_0"]["mlp_norm"]["scale"],
+                                params["block_0"]["mlp_norm"]["scale"][d_idx])
+  out = bert.sentence_embedding(child, ids, mask, ccfg)
+  chex.assert_shape(out, (4, 16))
+  chex.assert_tree_all_finite(out)
 
 
 def test_vit_half_width_child_is_valid():

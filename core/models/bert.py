@@ -87,22 +87,34 @@ def _norm(p: dict, x: jax.Array, cfg: BertConfig) -> jax.Array:
   return layers.layer_norm(x, p["scale"], p["bias"], cfg.norm_eps)
 
 
-def attention(p: Params, x_BxLxD: jax.Array, mask_BxL: jax.Array) -> jax.Array:
-  """Bidirectional attention over the unpadded keys; output projection and bias included."""
+def attention_heads(p: Params, x_BxLxD: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+  """Per-head bidirectional attention outputs (B, L, H, Dh) over the unpadded keys."""
   q = jnp.einsum("bld,dhk->blhk", x_BxLxD, p["wq"]) + p["bq"]
   k = jnp.einsum("bld,dhk->blhk", x_BxLxD, p["wk"]) + p["bk"]
   v = jnp.einsum("bld,dhk->blhk", x_BxLxD, p["wv"]) + p["bv"]
   mask_BxLxS = jnp.broadcast_to(mask_BxL[:, None, :].astype(bool),
                                 (x_BxLxD.shape[0], x_BxLxD.shape[1], x_BxLxD.shape[1]))
-  out_BxLxHxDh = layers.dot_product_attention(q, k, v, mask_BxLxS)
-  return jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, p["wo"]) + p["bo"]
+  return layers.dot_product_attention(q, k, v, mask_BxLxS)
+
+
+def mlp_hidden(p: Params, x_BxLxD: jax.Array) -> jax.Array:
+  """The MLP's hidden activations (B, L, F); BERT's GELU is the exact (erf) one."""
+  return jax.nn.gelu(x_BxLxD @ p["w_in"] + p["b_in"], approximate=False)
+
+
+def block_attention_residual(p: Params, x_BxLxD: jax.Array, mask_BxL: jax.Array,
+                             cfg: BertConfig) -> jax.Array:
+  """The block's first half: LN(x + attn(x)), the MLP's input."""
+  a = p["attn"]
+  o = jnp.einsum("blhk,hkd->bld", attention_heads(a, x_BxLxD, mask_BxL), a["wo"]) + a["bo"]
+  return _norm(p["attn_norm"], x_BxLxD + o, cfg)
 
 
 def block(p: Params, x_BxLxD: jax.Array, mask_BxL: jax.Array, cfg: BertConfig) -> jax.Array:
   """One post-LN block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
-  x = _norm(p["attn_norm"], x_BxLxD + attention(p["attn"], x_BxLxD, mask_BxL), cfg)
-  hid = jax.nn.gelu(x @ p["mlp"]["w_in"] + p["mlp"]["b_in"], approximate=False)  # BERT: erf GELU
-  return _norm(p["mlp_norm"], x + hid @ p["mlp"]["w_out"] + p["mlp"]["b_out"], cfg)
+  x = block_attention_residual(p, x_BxLxD, mask_BxL, cfg)
+  return _norm(p["mlp_norm"], x + mlp_hidden(p["mlp"], x) @ p["mlp"]["w_out"] + p["mlp"]["b_out"],
+               cfg)
 
 
 def check_inputs(ids_BxL, mask_BxL, cfg: BertConfig, where: str) -> None:
@@ -118,15 +130,21 @@ def check_inputs(ids_BxL, mask_BxL, cfg: BertConfig, where: str) -> None:
   guards.check_token_ids(ids_BxL, cfg.vocab_size, where)
 
 
-def encode(params: Params, ids_BxL: jax.Array, mask_BxL: jax.Array, cfg: BertConfig,
-           token_types_BxL: jax.Array | None = None) -> jax.Array:
-  """Last hidden states (B, L, D); padded positions (mask 0) are never attended to."""
-  check_inputs(ids_BxL, mask_BxL, cfg, "bert.encode")
+def embed(params: Params, ids_BxL: jax.Array, cfg: BertConfig,
+          token_types_BxL: jax.Array | None = None) -> jax.Array:
+  """Word + position + token-type embeddings, LayerNorm-ed (B, L, D)."""
   e = params["embed"]
   types = jnp.zeros_like(ids_BxL) if token_types_BxL is None else token_types_BxL
   x = (jnp.take(e["word"], ids_BxL, axis=0) + e["position"][:ids_BxL.shape[1]][None]
        + jnp.take(e["token_type"], types, axis=0))
-  x = _norm(e["norm"], x, cfg)
+  return _norm(e["norm"], x, cfg)
+
+
+def encode(params: Params, ids_BxL: jax.Array, mask_BxL: jax.Array, cfg: BertConfig,
+           token_types_BxL: jax.Array | None = None) -> jax.Array:
+  """Last hidden states (B, L, D); padded positions (mask 0) are never attended to."""
+  check_inputs(ids_BxL, mask_BxL, cfg, "bert.encode")
+  x = embed(params, ids_BxL, cfg, token_types_BxL)
   for i in range(cfg.n_layers):
     x = block(params[block_key(i)], x, mask_BxL, cfg)
   return x
