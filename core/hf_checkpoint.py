@@ -212,8 +212,15 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: Any, family: str, *,
   """Our param pytree from HF-named tensors. Raises ValueError naming missing,
   unexpected (``strict``; otherwise ignored) or wrongly shaped keys."""
   fam = _family(family)
+  tensors = dict(tensors)
   for prefix in fam.prefixes:   # e.g. BertForMaskedLM's 'bert.' (its 'cls.' head is unexpected)
     tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
+  if family == "llama" and cfg.tie_embeddings and "lm_head.weight" in tensors:
+    # Some tied checkpoints store the head anyway; it must be the embedding itself.
+    head = tensors.pop("lm_head.weight")
+    if not np.array_equal(head, tensors.get("model.embed_tokens.weight")):
+      raise ValueError("llama checkpoint: tie_word_embeddings is set but lm_head.weight differs "
+                       "from model.embed_tokens.weight")
   keys = fam.keys(cfg)
   shapes = _leaf_shapes(fam, cfg)
   wanted = {k.hf for k in keys}

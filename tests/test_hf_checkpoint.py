@@ -98,6 +98,13 @@ def test_missing_unexpected_and_misshapen_keys_are_named():
   with pytest.raises(ValueError, match=r"v_proj\.weight' has shape \(16, 16\); the config needs "
                                        r"\(8, 16\)"):
     hf_checkpoint.from_hf(wrong, LLAMA_GQA, "llama")
+  # A tied model whose file repeats the embedding as lm_head: accepted; a different head: refused.
+  tied = hf_checkpoint.to_hf(lm.init(jax.random.key(0), LLAMA_TIED_BIAS), LLAMA_TIED_BIAS, "llama")
+  hf_checkpoint.from_hf(tied | {"lm_head.weight": tied["model.embed_tokens.weight"]},
+                        LLAMA_TIED_BIAS, "llama")
+  with pytest.raises(ValueError, match="lm_head.weight differs"):
+    hf_checkpoint.from_hf(tied | {"lm_head.weight": tied["model.embed_tokens.weight"] + 1},
+                          LLAMA_TIED_BIAS, "llama")
   with pytest.raises(ValueError, match="unknown checkpoint family 'gpt2'"):
     hf_checkpoint.from_hf(t, LLAMA_GQA, "gpt2")
 
