@@ -9,6 +9,7 @@ parameters.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -88,22 +89,72 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
       decay_steps=cfg.steps, end_value=cfg.lr * cfg.min_lr_ratio)
 
 
+def _decay_mask(params: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """AdamW with warmup+cosine, global-norm clipping, decay on ndim >= 2 leaves."""
-  decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+  """AdamW with warmup+cosine, global-norm clipping, decay on ndim >= 2 leaves:
+  the plain optax recipe, which ``train`` reproduces with a shared compilation."""
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-  parts.append(optax.adamw(lr_schedule(cfg), weight_decay=cfg.weight_decay, mask=decay_mask))
+  parts.append(optax.adamw(lr_schedule(cfg), weight_decay=cfg.weight_decay, mask=_decay_mask))
   return optax.chain(*parts)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation):
+# ``make_optimizer``'s state layout (so checkpoints written by either restore into
+# the other) with no hyperparameter inside: the clipping slot is never applied and
+# AdamW runs at lr 1, no decay. The train step clips, decays and scales by the
+# learning rate itself, from traced values, so one compilation serves every recipe.
+_ADAMW = optax.adamw(lambda count: 1.0, weight_decay=0.0, mask=_decay_mask)
+
+
+def _layout(has_clip: bool) -> optax.GradientTransformation:
+  return optax.chain(*([optax.clip_by_global_norm(1.0)] if has_clip else []), _ADAMW)
+
+
+def step_hyperparams(cfg: TrainConfig) -> Callable[[int], dict[str, np.ndarray]]:
+  """step -> the train step's traced scalars: that step's learning rate (optax's
+  warmup+cosine, evaluated once for the run), weight decay, clipping norm."""
+  lr = np.asarray(jax.vmap(lr_schedule(cfg))(jnp.arange(cfg.steps)), np.float32)
+  wd, clip = np.float32(cfg.weight_decay), np.float32(cfg.grad_clip)
+  return lambda step: {"lr": lr[step], "wd": wd, "clip": clip}
+
+
+_STEPS: "collections.OrderedDict[tuple, Callable]" = collections.OrderedDict()
+_STEP_CACHE_SIZE = 8   # compiled steps kept (their loss functions stay alive while cached)
+
+
+def make_train_step(loss_fn: LossFn, has_clip: bool) -> Callable:
+  """``step(state, batch, hp) -> (state, metrics)`` with ``hp`` this step's
+  scalars (``step_hyperparams``), jitted once per ``loss_fn``
+  (and parameter shapes) whatever the learning rate, decay or schedule length:
+  equal to ``make_optimizer``'s update (tests/test_train.py checks it)."""
+  key = (loss_fn, has_clip)
+  if key in _STEPS:
+    _STEPS.move_to_end(key)
+    return _STEPS[key]
+
   @jax.jit
-  def train_step(state, batch):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+  def train_step(state, batch, hp):
+    params = state["params"]
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    g_norm = optax.global_norm(grads)
+    if has_clip:   # as optax.clip_by_global_norm, with a traced norm
+      grads = jax.tree_util.tree_map(
+          lambda t: jax.lax.select(g_norm < hp["clip"], t, (t / g_norm.astype(t.dtype))
+                                   * hp["clip"]), grads)
+    adam, inner = _ADAMW.update(grads, state["opt_state"][-1], params)   # -(Adam direction)
+    lr = hp["lr"]
+    updates = jax.tree_util.tree_map(lambda u, p, decay: lr * (u - hp["wd"] * p) if decay
+                                     else lr * u, adam, params, _decay_mask(params))
+    opt_state = (*state["opt_state"][:-1], inner)
+    metrics = dict(metrics, grad_norm=g_norm)
+    return {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+            "step": state["step"] + 1}, metrics
+
+  _STEPS[key] = train_step
+  while len(_STEPS) > _STEP_CACHE_SIZE:
+    _STEPS.popitem(last=False)
   return train_step
 
 
@@ -182,8 +233,7 @@ def train(loss_fn: LossFn, params: PyTree, batch_fn: Callable[[int], dict],
   which discards the old run and starts over. ``stop_after`` ends this call
   after that many steps (to test interruption; no checkpoint is written at
   the stop)."""
-  optimizer = make_optimizer(cfg)
-  state = {"params": params, "opt_state": optimizer.init(params),
+  state = {"params": params, "opt_state": _layout(cfg.grad_clip > 0).init(params),
            "step": jnp.asarray(0, jnp.int32)}
   mngr, resumed_from = None, None
   if workdir:
@@ -194,7 +244,7 @@ def train(loss_fn: LossFn, params: PyTree, batch_fn: Callable[[int], dict],
     if restored is not None:
       resumed_from, state = restored
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl") if workdir else None, resumed_from)
-  train_step = make_train_step(loss_fn, optimizer)
+  train_step, hp = make_train_step(loss_fn, cfg.grad_clip > 0), step_hyperparams(cfg)
   start = int(state["step"])
   end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
@@ -204,7 +254,7 @@ def train(loss_fn: LossFn, params: PyTree, batch_fn: Callable[[int], dict],
              disable=not progress, dynamic_ncols=True,
              mininterval=0.1 if sys.stderr.isatty() else 10.0)
   for step in bar:
-    state, metrics = train_step(state, batch_fn(step))
+    state, metrics = train_step(state, batch_fn(step), hp(step))
     done = step + 1
     if t_compiled is None:
       jax.block_until_ready(state)

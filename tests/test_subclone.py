@@ -181,11 +181,15 @@ def test_bert_identity_and_permuted_subclone_keep_the_function():
 
 def test_bert_importance_ignores_padding_and_the_half_width_child_is_valid():
   params, ids, mask, imp = _bert_parent()
-  # Padded positions carry no weight: scoring the rows as padded or cut gives the same.
-  alone = importance.bert_importance(params, ids[2:3, :5], mask[2:3, :5], BERT)
-  padded = importance.bert_importance(params, ids[2:3], mask[2:3], BERT)
-  np.testing.assert_allclose(padded.residual, alone.residual, rtol=1e-5)
-  np.testing.assert_allclose(padded.mlp[1], alone.mlp[1], rtol=1e-5)
+  # Padded positions carry no weight: other tokens under the padding change nothing
+  # (same shapes, so no new compilation), while unmasking them does.
+  other = jnp.where(mask > 0, ids, (ids * 7 + 3) % 60)
+  assert not np.array_equal(other, ids)
+  same = importance.bert_importance(params, other, mask, BERT)
+  np.testing.assert_allclose(same.residual, imp.residual, rtol=1e-5)
+  np.testing.assert_allclose(same.mlp[1], imp.mlp[1], rtol=1e-5)
+  unmasked = importance.bert_importance(params, other, jnp.ones_like(mask), BERT)
+  assert np.abs(unmasked.residual - imp.residual).max() > 1e-3
   child, ccfg = surgery.subclone_bert(params, BERT, imp, surgery.ChildSpec(16, 2, 24, 2))
   chex.assert_trees_all_equal_shapes_and_dtypes(child, bert.init(jax.random.key(0), ccfg))
   kept = surgery.kept_blocks(3, 2)
