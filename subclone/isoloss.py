@@ -41,6 +41,8 @@ def budget_to_reach(budgets: Sequence[float], losses: Sequence[float], level: fl
     return Reach(float(budgets[0]), at_most=True)
   for (b0, l0), (b1, l1) in zip(zip(budgets, losses), zip(budgets[1:], losses[1:])):
     if l1 <= level:
+      if l1 == level:   # exactly at a measured budget: no round trip through log/exp
+        return Reach(float(b1))
       t = (l0 - level) / (l0 - l1)
       return Reach(math.exp(math.log(b0) + t * (math.log(b1) - math.log(b0))))
   return Reach(None)

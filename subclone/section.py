@@ -117,15 +117,17 @@ def _model_line(c: dict) -> str:
 
 
 def _iso_cell(rows: list[dict]) -> str:
-  """Mean (min-max) over seeds of one budget's iso-loss speed-ups; '>=' / '<='
-  where a censored side makes a seed's value a bound, 'never' if not reached."""
-  if any(r["speedup"] is None for r in rows):
-    return "never" if all(r["speedup"] is None for r in rows) else "not every seed"
+  """Mean (min-max) over seeds of one budget's iso-loss speed-ups; where a censored
+  side makes a seed's value a bound, each seed's value with its mark instead
+  ('>=' lower bound, '<=' upper bound, '~' neither); 'never' if not reached."""
+  if all(r["speedup"] is None for r in rows):
+    return "never"
+  mark = {"lower": ">= ", "upper": "<= ", "unknown": "~ ", None: ""}
+  if any(r["speedup"] is None or r["bound"] for r in rows):
+    return ", ".join("never" if r["speedup"] is None else f"{mark[r['bound']]}{r['speedup']:.2f}x"
+                     for r in rows)
   xs = [r["speedup"] for r in rows]
-  mark = {"lower": ">=", "upper": "<=", "unknown": "~"}
-  bounds = {mark[r["bound"]] for r in rows if r["bound"]}
-  tag = "".join(sorted(bounds)) + " " if bounds else ""
-  return f"{tag}{np.mean(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
+  return f"{np.mean(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
 
 
 def iso_records(iso: dict) -> list[dict]:
