@@ -163,6 +163,16 @@ def run(plan: MiniLMPlan, cache_dir: str | None, progress: bool = True) -> dict:
                 plan.spec.d_model)}
 
   inits = {"random init": random_init, "subcloned": lambda s: {"encoder": enc, "proj": select}}
+  # Step-0 ablations of the surgery (no training): validation loss of the child
+  # without the sqrt(d/d') scaling, and with the first d' neurons/heads/units.
+  at_init = {}
+  for name, kw in (("subcloned", {}), ("no scaling", {"scale": False}),
+                   ("first d' (no reordering)", {"order": "first"})):
+    e, _ = subclone_bert(parent, cfg, imp, plan.spec, **kw)
+    kept = np.arange(plan.spec.d_model) if kw.get("order") == "first" else d_idx
+    sel = np.zeros_like(select)
+    sel[np.arange(plan.spec.d_model), kept] = 1.0
+    at_init[name] = float(val_loss({"encoder": e, "proj": sel}))
   meta = {"study": {"plan": dataclasses.asdict(plan)}, "parent_weights": params_fingerprint(parent),
           "code": CODE_VERSION}
   budget = Budget(steps=plan.budgets[-1], batch=plan.batch, eval_every=10)
@@ -189,4 +199,5 @@ def run(plan: MiniLMPlan, cache_dir: str | None, progress: bool = True) -> dict:
                         for n, per in runs.items()},
           "initial_retrieval": {n: per[plan.seeds[0]][0]["initial_metrics"]
                                 for n, per in runs.items()},
-          "initial_loss": {n: per[plan.seeds[0]][0]["initial_loss"] for n, per in runs.items()}}
+          "initial_loss": {n: per[plan.seeds[0]][0]["initial_loss"] for n, per in runs.items()},
+          "surgery_at_init": at_init}

@@ -324,7 +324,9 @@ def render_minilm(res: dict, outdir: str) -> report.Section:
       f"At step 0 (seed {seeds[0]}): validation loss random "
       f"{res['initial_loss']['random init']:.3f}, subcloned {res['initial_loss']['subcloned']:.3f}; "
       f"top-1 agreement random {100 * init['random init']['top1']:.1f}%, subcloned "
-      f"{100 * init['subcloned']['top1']:.1f}%.",
+      f"{100 * init['subcloned']['top1']:.1f}%. Surgery ablations at step 0 (validation "
+      "1 - cos, no training): " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                            res.get("surgery_at_init", {}).items()) + ".",
       report.markdown_table(
           ["budget", "val loss random: mean (min-max)", "val loss subcloned",
            "top-1 agreement random (%)", "top-1 agreement subcloned (%)",
