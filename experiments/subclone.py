@@ -3,9 +3,9 @@ study's model, trained here if absent) and of a ViT on Fashion-MNIST, trained
 from random and from subcloned init; ablations and peers on the LM.
 
   python -m experiments.subclone            # quick mode: ~4 min
-  python -m experiments.subclone --full     # full: ~3 h on 2 cores (iso-loss curves included)
+  python -m experiments.subclone --full     # full: ~5 h on 2 cores (iso-loss curves for every init)
   python -m experiments.subclone --iso_only # the iso-loss curves alone at the full study's
-                                            # recipes, random vs subcloned: ~1 h
+                                            # recipes, random vs subcloned: ~70 min
   python -m experiments.subclone --minilm   # all-MiniLM-L6-v2 -> half-width child (make minilm)
 
 Finished runs are cached under <outdir>/subclone/, so a rerun resumes.
@@ -21,7 +21,7 @@ _FULL = flags.DEFINE_bool("full", False, "The full study (default: quick mode, s
 _ISO_ONLY = flags.DEFINE_bool("iso_only", False, "Only the iso-loss budget curves (full-mode "
                               "budgets) at the recipes the full study chose.")
 _MINILM = flags.DEFINE_bool("minilm", False, "Only the MiniLM-L6 subcloning study (needs "
-                            "`make minilm`; ~40 min).")
+                            "`make minilm`; ~50 min).")
 _OUTDIR = flags.DEFINE_string("outdir", "results/subclone_study",
                                "Where REPORT.md, the JSON and the figures go.")
 

@@ -148,7 +148,7 @@ def test_vit_identity_and_permuted_subclone_keep_the_function():
                              atol=1e-4)
 
 
-BERT = bert.BertConfig(vocab_size=60, d_model=32, n_layers=3, n_heads=4, d_ff=48,
+BERT = bert.BertConfig(vocab_size=60, d_model=32, n_layers=2, n_heads=4, d_ff=48,
                        max_positions=16)
 
 
@@ -167,7 +167,7 @@ def test_bert_identity_and_permuted_subclone_keep_the_function():
   full-size child (a permutation of the residual neurons, heads and units) is the
   same function, its sentence embedding the parent's permuted."""
   params, ids, mask, imp = _bert_parent()
-  spec = surgery.ChildSpec(32, 4, 48, 3)
+  spec = surgery.ChildSpec(32, 4, 48, 2)
   same, ccfg = surgery.subclone_bert(params, BERT, imp, spec, order="first")
   assert ccfg == BERT
   chex.assert_trees_all_equal(same, params)
@@ -190,17 +190,17 @@ def test_bert_importance_ignores_padding_and_the_half_width_child_is_valid():
   np.testing.assert_allclose(same.mlp[1], imp.mlp[1], rtol=1e-5)
   unmasked = importance.bert_importance(params, other, jnp.ones_like(mask), BERT)
   assert np.abs(unmasked.residual - imp.residual).max() > 1e-3
-  child, ccfg = surgery.subclone_bert(params, BERT, imp, surgery.ChildSpec(16, 2, 24, 2))
+  child, ccfg = surgery.subclone_bert(params, BERT, imp, surgery.ChildSpec(16, 2, 24, 1))
   chex.assert_trees_all_equal_shapes_and_dtypes(child, bert.init(jax.random.key(0), ccfg))
-  kept = surgery.kept_blocks(3, 2)
+  kept = surgery.kept_blocks(2, 1)
   d_idx = importance.ranking(imp.residual)[:16]
   # A reader of the stream is scaled by sqrt(32/16); LN parameters only subsampled.
-  np.testing.assert_allclose(child["block_1"]["mlp"]["w_in"][:, 0],
-                             params[f"block_{kept[1]}"]["mlp"]["w_in"][
-                                 d_idx, importance.ranking(imp.mlp[kept[1]])[0]] * np.sqrt(2),
+  np.testing.assert_allclose(child["block_0"]["mlp"]["w_in"][:, 0],
+                             params[f"block_{kept[0]}"]["mlp"]["w_in"][
+                                 d_idx, importance.ranking(imp.mlp[kept[0]])[0]] * np.sqrt(2),
                              rtol=1e-6)
   np.testing.assert_array_equal(child["block_0"]["mlp_norm"]["scale"],
-                                params["block_0"]["mlp_norm"]["scale"][d_idx])
+                                params[f"block_{kept[0]}"]["mlp_norm"]["scale"][d_idx])
   out = bert.sentence_embedding(child, ids, mask, ccfg)
   chex.assert_shape(out, (4, 16))
   chex.assert_tree_all_finite(out)
