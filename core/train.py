@@ -129,7 +129,11 @@ def make_train_step(loss_fn: LossFn, has_clip: bool) -> Callable:
   scalars (``step_hyperparams``), jitted once per ``loss_fn``
   (and parameter shapes) whatever the learning rate, decay or schedule length:
   equal to ``make_optimizer``'s update (tests/test_train.py checks it)."""
-  key = (loss_fn, has_clip)
+  try:
+    key = (loss_fn, has_clip)
+    hash(key)
+  except TypeError:   # an unhashable callable (e.g. a non-frozen dataclass): not cached
+    key = None
   if key in _STEPS:
     _STEPS.move_to_end(key)
     return _STEPS[key]
@@ -152,6 +156,8 @@ def make_train_step(loss_fn: LossFn, has_clip: bool) -> Callable:
     return {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
             "step": state["step"] + 1}, metrics
 
+  if key is None:
+    return train_step
   _STEPS[key] = train_step
   while len(_STEPS) > _STEP_CACHE_SIZE:
     _STEPS.popitem(last=False)
