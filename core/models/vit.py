@@ -43,10 +43,6 @@ class ViTConfig:
     return self.d_model // self.n_heads
 
 
-def _ln(d: int) -> dict:
-  return {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))}
-
-
 @functools.partial(jax.jit, static_argnums=1)  # one compile instead of one per leaf shape
 def init(key: jax.Array, cfg: ViTConfig) -> dict:
   d, h, dh, f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff
@@ -60,16 +56,16 @@ def init(key: jax.Array, cfg: ViTConfig) -> dict:
   for i in range(cfg.n_layers):
     kq, kk, kv, ko, k1, k2 = jax.random.split(keys[i + 2], 6)
     params[f"block_{i}"] = {
-        "ln1": _ln(d),
+        "ln1": layers.layer_norm_params(d),
         "attn": {"wq": layers.normal_init(kq, (d, h, dh), d), "bq": jnp.zeros((h, dh)),
                  "wk": layers.normal_init(kk, (d, h, dh), d), "bk": jnp.zeros((h, dh)),
                  "wv": layers.normal_init(kv, (d, h, dh), d), "bv": jnp.zeros((h, dh)),
                  "wo": layers.normal_init(ko, (h, dh, d), d) * out_scale,
                  "bo": jnp.zeros((d,))},
-        "ln2": _ln(d),
+        "ln2": layers.layer_norm_params(d),
         "mlp": {"w1": layers.normal_init(k1, (d, f), d), "b1": jnp.zeros((f,)),
                 "w2": layers.normal_init(k2, (f, d), f) * out_scale, "b2": jnp.zeros((d,))}}
-  params["final_norm"] = _ln(d)
+  params["final_norm"] = layers.layer_norm_params(d)
   params["head"] = {"kernel": jnp.zeros((d, cfg.num_classes)),
                     "bias": jnp.zeros((cfg.num_classes,))}
   return params
