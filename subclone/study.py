@@ -230,17 +230,17 @@ def lm_study(parent: dict, parent_cfg: lm.LMConfig, cfg: StudyConfig, cache_path
   }
   apply = functools.partial(lm.apply, cfg=ccfg)
   meta = _run_meta(parent_cfg, cfg, parent)
-  run = _runner(RunCache(cache_path, meta), functools.partial(lm.loss, cfg=ccfg),
-                lambda seed, step: data.text_batch(ds.x_train, cfg.budget.batch, cfg.seq_len,
-                                                   seed, step),
-                lambda p: evaluation.lm_metrics(apply, p, windows)["loss"], cfg.budget, progress)
+  # One loss function for every run of the study: core.train compiles its step once.
+  loss_fn = functools.partial(lm.loss, cfg=ccfg)
+  batch_fn = lambda seed, step: data.text_batch(ds.x_train, cfg.budget.batch, cfg.seq_len,
+                                                seed, step)
+  eval_fn = lambda p: evaluation.lm_metrics(apply, p, windows)["loss"]
+  run = _runner(RunCache(cache_path, meta), loss_fn, batch_fn, eval_fn, cfg.budget, progress)
   random_init = lambda s: lm.init(jax.random.key(s), ccfg)
   out = _compare_or_fixed(children, random_init, cfg, run)
   if cfg.iso_budgets:
-    iso_run = iso_runner(
-        _iso_path(cache_path), meta, functools.partial(lm.loss, cfg=ccfg),
-        lambda seed, step: data.text_batch(ds.x_train, cfg.budget.batch, cfg.seq_len, seed, step),
-        lambda p: evaluation.lm_metrics(apply, p, windows)["loss"], cfg.budget, progress)
+    iso_run = iso_runner(_iso_path(cache_path), meta, loss_fn, batch_fn, eval_fn, cfg.budget,
+                         progress)
     out["iso"] = iso_curves(_iso_inits(children, random_init, cfg, out), iso_run,
                             cfg.iso_budgets, cfg.iso_seeds)
   return {"parent_config": dataclasses.asdict(parent_cfg), "child_config": dataclasses.asdict(ccfg),
@@ -265,11 +265,11 @@ def vit_study(parent: dict, parent_cfg: vit.ViTConfig, ds: data.Dataset, cfg: St
   meta = {**_run_meta(parent_cfg, cfg, parent), "dataset": ds.name,
           "n_val": None if val is None else len(val[0])}
   cache = RunCache(cache_path, meta)
-  make = lambda x, y, prefix: _runner(
-      cache, classifier_loss(apply), lambda seed, step: data.image_batch(ds, cfg.budget.batch,
-                                                                         seed, step),
-      lambda p: evaluation.classifier_metrics(apply, p, x, y)["loss"], cfg.budget, progress,
-      key_prefix=prefix)
+  loss_fn = classifier_loss(apply)   # one for every run: one compiled train step
+  batch_fn = lambda seed, step: data.image_batch(ds, cfg.budget.batch, seed, step)
+  eval_on = lambda x, y: lambda p: evaluation.classifier_metrics(apply, p, x, y)["loss"]
+  make = lambda x, y, prefix: _runner(cache, loss_fn, batch_fn, eval_on(x, y), cfg.budget,
+                                      progress, key_prefix=prefix)
   run = make(x_eval, y_eval, "")
   select_run = make(val[0][:n_eval], val[1][:n_eval], "val|") if val is not None else run
   random_init = lambda s: vit.init(jax.random.key(s), ccfg)
@@ -277,11 +277,8 @@ def vit_study(parent: dict, parent_cfg: vit.ViTConfig, ds: data.Dataset, cfg: St
   out = _compare_or_fixed(children, random_init, dataclasses.replace(cfg, ablations=()), run,
                           select_run)
   if cfg.iso_budgets:
-    iso_run = iso_runner(
-        _iso_path(cache_path), meta, classifier_loss(apply),
-        lambda seed, step: data.image_batch(ds, cfg.budget.batch, seed, step),
-        lambda p: evaluation.classifier_metrics(apply, p, x_eval, y_eval)["loss"], cfg.budget,
-        progress)
+    iso_run = iso_runner(_iso_path(cache_path), meta, loss_fn, batch_fn, eval_on(x_eval, y_eval),
+                         cfg.budget, progress)
     out["iso"] = iso_curves(_iso_inits(children, random_init, cfg, out), iso_run,
                             cfg.iso_budgets, cfg.iso_seeds)
   return {"parent_config": dataclasses.asdict(parent_cfg), "child_config": dataclasses.asdict(ccfg),
