@@ -113,6 +113,13 @@ def retrieval(child_emb: np.ndarray, parent_emb: np.ndarray, k: int = 10) -> dic
           f"top{k}_overlap": overlap, "n": n}
 
 
+def _selection(kept: np.ndarray, d_parent: int) -> np.ndarray:
+  """The (d', D) map sending child dimension i to parent dimension kept[i]."""
+  sel = np.zeros((len(kept), d_parent), np.float32)
+  sel[np.arange(len(kept)), kept] = 1.0
+  return sel
+
+
 def child_forward(ccfg: bert.BertConfig):
   """The child's embedding in the parent's space: normalise(pool(child) @ proj)."""
   def fwd(p, ids, mask):
@@ -140,8 +147,7 @@ def run(plan: MiniLMPlan, cache_dir: str | None, progress: bool = True) -> dict:
   imp = bert_importance(parent, tr.ids[:plan.calib], tr.mask[:plan.calib], cfg)
   enc, ccfg = subclone_bert(parent, cfg, imp, plan.spec)
   d_idx = ranking(imp.residual)[:plan.spec.d_model]
-  select = np.zeros((plan.spec.d_model, cfg.d_model), np.float32)
-  select[np.arange(plan.spec.d_model), d_idx] = 1.0
+  select = _selection(d_idx, cfg.d_model)
   fwd = child_forward(ccfg)
 
   def loss_fn(p, batch):
@@ -170,9 +176,7 @@ def run(plan: MiniLMPlan, cache_dir: str | None, progress: bool = True) -> dict:
                    ("first d' (no reordering)", {"order": "first"})):
     e, _ = subclone_bert(parent, cfg, imp, plan.spec, **kw)
     kept = np.arange(plan.spec.d_model) if kw.get("order") == "first" else d_idx
-    sel = np.zeros_like(select)
-    sel[np.arange(plan.spec.d_model), kept] = 1.0
-    at_init[name] = float(val_loss({"encoder": e, "proj": sel}))
+    at_init[name] = float(val_loss({"encoder": e, "proj": _selection(kept, cfg.d_model)}))
   meta = {"study": {"plan": dataclasses.asdict(plan)}, "parent_weights": params_fingerprint(parent),
           "code": CODE_VERSION}
   budget = Budget(steps=plan.budgets[-1], batch=plan.batch, eval_every=10)

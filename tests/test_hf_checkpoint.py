@@ -29,35 +29,32 @@ def _jitter(params, seed=0, scale=0.3):
                                 .astype(np.float32), params)
 
 
-def _written(tmp_path, cfg, family, init):
+def _written_and_loaded(tmp_path, cfg, family, init):
+  """Jittered params saved in HF layout and loaded back: (params, loaded, HF config
+  dict, HF tensors). The loaded config must be the one written."""
   params = _jitter(init(jax.random.key(1), cfg))
   d = hf_checkpoint.save(str(tmp_path / family), params, cfg, family)
-  return params, d
+  loaded, lcfg = hf_checkpoint.load(d, family)
+  assert lcfg == cfg
+  with open(os.path.join(d, "config.json")) as f:
+    hf = json.load(f)
+  return params, loaded, hf, hf_checkpoint.read_tensors(d)
 
 
 @pytest.mark.parametrize("cfg", [LLAMA_GQA, LLAMA_TIED_BIAS], ids=["gqa", "tied+bias"])
 def test_llama_loader_matches_a_numpy_llama_reading_the_hf_tensors(tmp_path, cfg):
-  params, d = _written(tmp_path, cfg, "llama", lm.init)
-  loaded, lcfg = hf_checkpoint.load(d, "llama")
-  assert lcfg == cfg
-  with open(os.path.join(d, "config.json")) as f:
-    hf = json.load(f)
-  tensors = hf_checkpoint.read_tensors(d)
+  params, loaded, hf, tensors = _written_and_loaded(tmp_path, cfg, "llama", lm.init)
   tokens = np.array([[3, 17, 0, 39, 5, 8, 21]], np.int32)
   want = np_reference.hf_llama_logits(tensors, hf, tokens[0])
-  got = np.asarray(lm.apply(loaded, tokens, lcfg)[0], np.float64)
+  got = np.asarray(lm.apply(loaded, tokens, cfg)[0], np.float64)
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
   # Round trip: the loaded pytree is the one written, leaf for leaf.
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
 
 
 def test_bert_loader_matches_a_numpy_bert_reading_the_hf_tensors_with_padding(tmp_path):
-  params, d = _written(tmp_path, BERT, "bert", bert.init)
-  loaded, cfg = hf_checkpoint.load(d, "bert")
-  assert cfg == BERT
-  with open(os.path.join(d, "config.json")) as f:
-    hf = json.load(f)
-  tensors = hf_checkpoint.read_tensors(d)
+  params, loaded, hf, tensors = _written_and_loaded(tmp_path, BERT, "bert", bert.init)
+  cfg = BERT
   ids = np.array([[1, 7, 33, 4, 2, 0, 0], [1, 9, 2, 0, 0, 0, 0]], np.int32)
   mask = (ids > 0).astype(np.int32)
   mask[:, 0] = 1
