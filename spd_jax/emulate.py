@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from core.models import layers, lm
-from spd_jax import sharding
-from spd_jax.tp import RESIDUAL_MODES, SyncPlan
+from spd_jax import compress, sharding
+from spd_jax.tp import ACTION_CODES, RESIDUAL_MODES, SyncPlan
 
 
 def spd_block(p: dict, x_BxLxD: jax.Array, cfg: lm.LMConfig, n_devices: int,
@@ -22,7 +22,7 @@ def spd_block(p: dict, x_BxLxD: jax.Array, cfg: lm.LMConfig, n_devices: int,
   """One SPD block (attention sync dropped) emulated for ``n_devices`` (no cache)."""
   if residual not in RESIDUAL_MODES:
     raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {residual!r}")
-  sharding.check_tp_size(cfg, n_devices)
+  p, cfg = sharding.replicate_kv_block(p, cfg, n_devices), sharding.tp_config(cfg, n_devices)
   attn_d = sharding.split_for_devices(p["attn"], n_devices)
   mlp_d = sharding.split_for_devices(p["mlp"], n_devices)
   bo, b_down = p["attn"].get("bo", 0.0), p["mlp"].get("b_down", 0.0)
@@ -75,4 +75,46 @@ def apply_masked(params: dict, tokens_BxL: jax.Array, cfg: lm.LMConfig, drop_L: 
     x = jax.lax.cond(drop_L[i],
                      lambda p, x: spd_block(p, x, cfg, n_devices, residual),
                      lambda p, x: lm.block(p, x, jnp.asarray(0, jnp.int32), cfg)[0], p, x)
+  return lm.unembed(params, x, cfg)
+
+
+def _sync(parts_NxBxLxD: jax.Array, code: jax.Array) -> jax.Array:
+  """The sum the devices' sync delivers, for a traced action code (keep or a codec)."""
+  branches = [lambda a: jnp.sum(a, 0)] + [
+      lambda a, c=c: compress.emulated_sum(a, c) for c in compress.CODECS]
+  return jax.lax.switch(jnp.maximum(code - 1, 0), branches, parts_NxBxLxD)
+
+
+def plan_block(p: dict, x_BxLxD: jax.Array, cfg: lm.LMConfig, n_devices: int,
+               attn_code: jax.Array, mlp_code: jax.Array) -> jax.Array:
+  """One block under any per-block action pair (``tp.ACTION_CODES``, may be traced):
+  attention sync kept, dropped or compressed; MLP sync kept or compressed."""
+  p, cfg = sharding.replicate_kv_block(p, cfg, n_devices), sharding.tp_config(cfg, n_devices)
+  attn_d = sharding.split_for_devices(p["attn"], n_devices)
+  mlp_d = sharding.split_for_devices(p["mlp"], n_devices)
+  bo, b_down = p["attn"].get("bo", 0.0), p["mlp"].get("b_down", 0.0)
+  pos = jnp.asarray(0, jnp.int32)
+  h = layers.rms_norm(x_BxLxD, p["attn_norm"]["scale"], cfg.norm_eps)
+  o_NxBxLxD = jax.vmap(lambda a: lm.attention_partial(a, h, pos, cfg)[0])(attn_d)
+  mlp = jax.vmap(lambda m, y: lm.mlp_partial(
+      m, layers.rms_norm(y, p["mlp_norm"]["scale"], cfg.norm_eps)))
+  dropped = attn_code == ACTION_CODES["drop"]
+  # Kept: every device's MLP reads the synced stream; dropped: its own heads only.
+  y_NxBxLxD = jnp.where(dropped, x_BxLxD + o_NxBxLxD + bo,
+                        jnp.broadcast_to(x_BxLxD + _sync(o_NxBxLxD, attn_code) + bo,
+                                         o_NxBxLxD.shape))
+  z_NxBxLxD = mlp(mlp_d, y_NxBxLxD)
+  out_dropped = x_BxLxD + _sync(o_NxBxLxD + z_NxBxLxD, mlp_code) + bo + b_down
+  out_kept = y_NxBxLxD[0] + _sync(z_NxBxLxD, mlp_code) + b_down
+  return jnp.where(dropped, out_dropped, out_kept)
+
+
+def apply_plan(params: dict, tokens_BxL: jax.Array, cfg: lm.LMConfig, attn_codes_L: jax.Array,
+               mlp_codes_L: jax.Array, n_devices: int) -> jax.Array:
+  """Logits under a full sync plan given as traced action codes (``SyncPlan.codes``):
+  one compilation serves every plan the planner tries."""
+  sharding.check_tp_size(cfg, n_devices)
+  x = lm.embed(params, tokens_BxL)
+  for i in range(cfg.n_layers):
+    x = plan_block(params[lm.block_key(i)], x, cfg, n_devices, attn_codes_L[i], mlp_codes_L[i])
   return lm.unembed(params, x, cfg)

@@ -9,6 +9,7 @@ unembedding -- is replicated.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -32,15 +33,55 @@ _SPECS = {
 
 
 def check_tp_size(cfg: LMConfig, tp: int) -> None:
-  """Raises a clear error unless whole heads, KV heads and MLP units divide evenly."""
+  """Raises a clear error unless every device can hold whole query heads, an equal MLP
+  slice, and either whole KV heads or (TP a multiple of the KV heads) one replicated KV
+  head whose query heads it holds (see ``tp_config``)."""
   if tp < 1:
     raise ValueError(f"tensor-parallel size must be >= 1, got {tp}")
-  problems = [f"{name}={n}" for name, n in (("n_heads", cfg.n_heads),
-                                            ("n_kv_heads", cfg.kv_heads),
-                                            ("d_ff", cfg.d_ff)) if n % tp]
+  problems = [f"{name}={n}" for name, n in (("n_heads", cfg.n_heads), ("d_ff", cfg.d_ff))
+              if n % tp]
+  k = cfg.kv_heads
+  if k % tp and tp % k:
+    problems.append(f"n_kv_heads={k} (nor is TP a multiple of it)")
   if problems:
     raise ValueError(f"TP size {tp} does not divide {', '.join(problems)}: every device "
-                     f"must hold whole heads, whole KV heads and an equal MLP slice")
+                     f"must hold whole heads, whole or replicated KV heads and an equal MLP "
+                     "slice")
+
+
+def kv_replicas(cfg: LMConfig, tp: int) -> int:
+  """How many devices share each KV head: 1 unless TP exceeds the KV heads."""
+  check_tp_size(cfg, tp)
+  return max(1, tp // cfg.kv_heads)
+
+
+def tp_config(cfg: LMConfig, tp: int) -> LMConfig:
+  """The config the devices run: with TP > KV heads, each KV head is replicated on the
+  ``tp / K`` devices whose query heads read it (as Megatron-LM and vLLM do), which is the
+  same function as a model with ``tp`` KV heads, copy j of KV head j // r."""
+  r = kv_replicas(cfg, tp)
+  return cfg if r == 1 else dataclasses.replace(cfg, n_kv_heads=cfg.kv_heads * r)
+
+
+def replicate_kv_block(p: dict, cfg: LMConfig, tp: int) -> dict:
+  """One block's params in ``tp_config``'s layout (KV projections repeated per replica)."""
+  r = kv_replicas(cfg, tp)
+  if r == 1:
+    return p
+  a = dict(p["attn"])
+  for name, axis in (("wk", 1), ("wv", 1), ("bk", 0), ("bv", 0)):
+    if name in a:
+      a[name] = jax.numpy.repeat(a[name], r, axis=axis)
+  return dict(p, attn=a)
+
+
+def replicate_kv(params: Any, cfg: LMConfig, tp: int) -> Any:
+  """Every block's params in ``tp_config``'s layout (a new pytree; others shared)."""
+  out = dict(params)
+  for i in range(cfg.n_layers):
+    key = f"block_{i}"
+    out[key] = replicate_kv_block(params[key], cfg, tp)
+  return out
 
 
 def param_spec(path: tuple, leaf: Any) -> P:

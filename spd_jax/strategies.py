@@ -95,26 +95,37 @@ def head_grouping(params: dict, plan: SyncPlan, calib_tokens, *, cfg: lm.LMConfi
   increases, since only improving swaps are kept.
   """
   xs, ys = teacher_io(params, calib_tokens, cfg)
-  groups_per_device = cfg.kv_heads // n_devices
+  g = cfg.n_heads // cfg.kv_heads
+  # Units the search swaps between devices: whole KV groups, or -- when TP exceeds the
+  # KV heads and each group spans several devices -- query heads within one group.
+  by_group = n_devices <= cfg.kv_heads
+  n_units = cfg.kv_heads if by_group else cfg.n_heads
+  per_device = n_units // n_devices
+
+  def swappable(perm, a, b):
+    if a // per_device == b // per_device:
+      return False  # same device: swapping changes nothing under SPD
+    return by_group or perm[a] // g == perm[b] // g
 
   @jax.jit
-  def objective(p_block, perm, x, y):
-    return block_error(heads.permute_block(p_block, cfg, perm), x, y, cfg, n_devices, residual)
+  def objective(p_block, q_idx, x, y):
+    return block_error(heads.reorder_block(p_block, cfg, q_idx), x, y, cfg, n_devices, residual)
 
   out = dict(params)
   for i in _dropped(plan, blocks):
     p = params[lm.block_key(i)]
-    perm = np.arange(cfg.kv_heads)
-    best = float(objective(p, perm, xs[i], ys[i]))
+    perm = np.arange(n_units)
+    err_of = lambda perm: float(objective(p, heads.query_indices(perm, cfg), xs[i], ys[i]))
+    best = err_of(perm)
     for _ in range(rounds):
       improved = False
-      for a in range(cfg.kv_heads):
-        for b in range(a + 1, cfg.kv_heads):
-          if a // groups_per_device == b // groups_per_device:
-            continue  # same device: swapping changes nothing under SPD
+      for a in range(n_units):
+        for b in range(a + 1, n_units):
+          if not swappable(perm, a, b):
+            continue
           cand = perm.copy()
           cand[a], cand[b] = cand[b], cand[a]
-          err = float(objective(p, cand, xs[i], ys[i]))
+          err = err_of(cand)
           if err < best:
             perm, best, improved = cand, err, True
       if not improved:

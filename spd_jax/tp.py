@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from core.models import check_params, layers, lm
+from spd_jax import compress
 from spd_jax import heads as heads_lib
 from spd_jax import sharding
 from spd_jax.sharding import TP
@@ -33,10 +36,40 @@ from spd_jax.sharding import TP
 RESIDUAL_MODES = ("sum", "mean")
 
 
+PLAIN = "plain"  # a sync sent as a plain float psum
+# Per-block actions of a plan: the attention sync may be kept, dropped or compressed;
+# the MLP sync only kept or compressed (dropping it would let the devices' residual
+# streams diverge). Integer codes feed the single-device emulation as traced values.
+ATTN_ACTIONS = ("keep", "drop") + compress.CODECS
+MLP_ACTIONS = ("keep",) + compress.CODECS
+ACTION_CODES = {"keep": 0, "drop": 1, **{c: 2 + i for i, c in enumerate(compress.CODECS)}}
+
+
 @dataclasses.dataclass(frozen=True)
 class SyncPlan:
-  """Per block: True where the attention all-reduce is dropped (an SPD block)."""
+  """Per block: True where the attention all-reduce is dropped (an SPD block), and
+  the payload of each kept sync: ``PLAIN`` or a ``compress`` codec (default all plain).
+  A dropped block's one remaining sync (attention + MLP partials) uses ``mlp_codec``."""
   drop_attn: tuple[bool, ...]
+  attn_codec: tuple[str, ...] | None = None
+  mlp_codec: tuple[str, ...] | None = None
+
+  def __post_init__(self):
+    n = len(self.drop_attn)
+    object.__setattr__(self, "drop_attn", tuple(bool(d) for d in self.drop_attn))
+    for name in ("attn_codec", "mlp_codec"):
+      codecs = getattr(self, name)
+      codecs = (PLAIN,) * n if codecs is None else tuple(codecs)
+      if len(codecs) != n:
+        raise ValueError(f"{name} has {len(codecs)} entries for {n} blocks")
+      bad = sorted({c for c in codecs if c != PLAIN and c not in compress.CODECS})
+      if bad:
+        raise ValueError(f"unknown compression codec(s) {bad} in {name}; choose "
+                         f"{PLAIN!r} or one of {compress.CODECS}")
+      object.__setattr__(self, name, codecs)
+    both = [i for i in range(n) if self.drop_attn[i] and self.attn_codec[i] != PLAIN]
+    if both:
+      raise ValueError(f"blocks {both} drop their attention sync and also compress it")
 
   @classmethod
   def dense(cls, n_layers: int) -> "SyncPlan":
@@ -60,6 +93,36 @@ class SyncPlan:
   def drop_fraction(cls, n_layers: int, fraction: float) -> "SyncPlan":
     return cls.drop_last(n_layers, int(round(fraction * n_layers)))
 
+  @classmethod
+  def from_actions(cls, attn: Sequence[str], mlp: Sequence[str] | None = None) -> "SyncPlan":
+    """A plan from per-block actions: attention in ``ATTN_ACTIONS``, MLP in ``MLP_ACTIONS``."""
+    mlp = ("keep",) * len(attn) if mlp is None else tuple(mlp)
+    if len(mlp) != len(attn):
+      raise ValueError(f"plan has {len(attn)} attention actions but {len(mlp)} MLP actions")
+    if "drop" in mlp:
+      raise ValueError("an MLP sync cannot be dropped (the devices' residual streams would "
+                       f"diverge); MLP actions are {MLP_ACTIONS}")
+    for what, acts, allowed in (("attention", attn, ATTN_ACTIONS), ("MLP", mlp, MLP_ACTIONS)):
+      bad = sorted({a for a in acts if a not in allowed})
+      if bad:
+        raise ValueError(f"unknown {what} action(s) {bad}; choose from {allowed}")
+    plain = lambda a: PLAIN if a in ("keep", "drop") else a
+    return cls(tuple(a == "drop" for a in attn), tuple(map(plain, attn)), tuple(map(plain, mlp)))
+
+  @property
+  def attn_actions(self) -> tuple[str, ...]:
+    return tuple("drop" if d else "keep" if c == PLAIN else c
+                 for d, c in zip(self.drop_attn, self.attn_codec))
+
+  @property
+  def mlp_actions(self) -> tuple[str, ...]:
+    return tuple("keep" if c == PLAIN else c for c in self.mlp_codec)
+
+  def codes(self) -> tuple[np.ndarray, np.ndarray]:
+    """(attention, MLP) action codes per block (``ACTION_CODES``), for ``emulate``."""
+    return (np.array([ACTION_CODES[a] for a in self.attn_actions], np.int32),
+            np.array([ACTION_CODES[a] for a in self.mlp_actions], np.int32))
+
   @property
   def n_layers(self) -> int:
     return len(self.drop_attn)
@@ -70,39 +133,50 @@ class SyncPlan:
 
   @property
   def all_reduces(self) -> int:
-    """All-reduces per forward pass: two per block, minus one per SPD block."""
+    """Syncs per forward pass: two per block, minus one per SPD block."""
     return 2 * self.n_layers - self.n_dropped
+
+
+def _reducer(codec: str, no_sync: bool) -> Callable[[jax.Array], jax.Array]:
+  if no_sync:
+    return lambda a: a
+  if codec == PLAIN:
+    return functools.partial(jax.lax.psum, axis_name=TP)
+  return functools.partial(compress.compressed_psum, codec=codec, axis_name=TP)
 
 
 def tp_block(p: dict, x_BxLxD: jax.Array, pos: jax.Array, cfg: lm.LMConfig,
              kv: dict | None, *, drop_attn_sync: bool, residual: str = "sum",
-             no_sync: bool = False) -> tuple[jax.Array, dict | None]:
+             no_sync: bool = False, attn_codec: str = PLAIN, mlp_codec: str = PLAIN
+             ) -> tuple[jax.Array, dict | None]:
   """One block on one device's shard (call inside shard_map over ``TP``).
 
-  ``no_sync`` removes every psum: wrong output, used only as the latency
-  lower bound.
+  ``*_codec``: each sync's payload (``PLAIN`` psum or a ``compress`` codec; a
+  dropped block's one sync uses ``mlp_codec``). ``no_sync`` removes every
+  psum: wrong output, used only as the latency lower bound.
   """
-  psum = (lambda a: a) if no_sync else functools.partial(jax.lax.psum, axis_name=TP)
+  sync_attn, sync_mlp = _reducer(attn_codec, no_sync), _reducer(mlp_codec, no_sync)
   bo = p["attn"].get("bo", 0.0)
   b_down = p["mlp"].get("b_down", 0.0)
   h = layers.rms_norm(x_BxLxD, p["attn_norm"]["scale"], cfg.norm_eps)
   o_i, new_kv = lm.attention_partial(p["attn"], h, pos, cfg, kv)
   if not drop_attn_sync:
-    y = x_BxLxD + psum(o_i) + bo
+    y = x_BxLxD + sync_attn(o_i) + bo
     z_i = lm.mlp_partial(p["mlp"], layers.rms_norm(y, p["mlp_norm"]["scale"], cfg.norm_eps))
-    return y + psum(z_i) + b_down, new_kv
+    return y + sync_mlp(z_i) + b_down, new_kv
   y_i = x_BxLxD + o_i + bo  # this device's heads only: the SPD approximation
   z_i = lm.mlp_partial(p["mlp"], layers.rms_norm(y_i, p["mlp_norm"]["scale"], cfg.norm_eps))
   if residual == "sum":
-    return x_BxLxD + psum(o_i + z_i) + bo + b_down, new_kv
+    return x_BxLxD + sync_mlp(o_i + z_i) + bo + b_down, new_kv
   n = jax.lax.axis_size(TP)
-  return psum((x_BxLxD + o_i) / n + z_i) + bo + b_down, new_kv
+  return sync_mlp((x_BxLxD + o_i) / n + z_i) + bo + b_down, new_kv
 
 
 def _local_forward(params, tokens_BxL, cache, pos, *, cfg, plan, residual, no_sync):
   def block_fn(i, p, x, pos, kv):
     return tp_block(p, x, pos, cfg, kv, drop_attn_sync=plan.drop_attn[i], residual=residual,
-                    no_sync=no_sync)
+                    no_sync=no_sync, attn_codec=plan.attn_codec[i],
+                    mlp_codec=plan.mlp_codec[i])
   x, new_cache = lm.run_blocks(params, lm.embed(params, tokens_BxL), pos, cfg, cache, block_fn)
   return lm.unembed(params, x, cfg), new_cache
 
@@ -151,6 +225,7 @@ def make_forward(cfg: lm.LMConfig, mesh: Mesh, plan: SyncPlan | None = None, *,
   """
   plan = plan or SyncPlan.dense(cfg.n_layers)
   _check(cfg, mesh, plan, residual)
+  cfg = sharding.tp_config(cfg, mesh.shape[TP])  # KV heads replicated when TP > KV heads
   p_specs = sharding.param_specs(jax.eval_shape(lm.init, jax.random.key(0), cfg))
   body = functools.partial(_local_forward, cfg=cfg, plan=plan, residual=residual,
                            no_sync=no_sync)
@@ -171,16 +246,19 @@ def prepare_params(params: Any, cfg: lm.LMConfig, mesh: Mesh,
   """Applies a head-to-device assignment (see ``heads``) and shards the params.
 
   A permutation of heads leaves the dense model's function unchanged; under
-  SPD it decides which heads' outputs each device's MLP sees.
+  SPD it decides which heads' outputs each device's MLP sees. When TP exceeds
+  the KV heads, each KV head is then copied to the devices that read it.
   """
-  sharding.check_tp_size(cfg, mesh.shape[TP])
+  tp = mesh.shape[TP]
+  sharding.check_tp_size(cfg, tp)
   if head_perm is not None:
     params = heads_lib.permute_heads(params, cfg, head_perm)
-  return sharding.shard_params(params, mesh)
+  return sharding.shard_params(sharding.replicate_kv(params, cfg, tp), mesh)
 
 
 def init_cache(cfg: lm.LMConfig, mesh: Mesh, batch: int, max_len: int | None = None) -> Any:
-  """An empty KV cache split over KV heads on ``mesh``."""
+  """An empty KV cache split over KV heads (replicated ones included) on ``mesh``."""
+  cfg = sharding.tp_config(cfg, mesh.shape[TP])
   return sharding.shard_cache(lm.init_cache(cfg, batch, max_len), mesh)
 
 
@@ -191,3 +269,25 @@ def count_all_reduces(compiled_text: str) -> int:
     if "=" in line and (" all-reduce(" in line or " all-reduce-start(" in line):
       n += 1
   return n
+
+
+_COLLECTIVES = ("all-reduce", "all-to-all", "all-gather")
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "s32": 4, "pred": 1}
+_SHAPE = re.compile(r"\b(f32|bf16|f16|s8|u8|s32|pred)\[([\d,]*)\]")
+
+
+def collective_payloads(compiled_text: str) -> list[tuple[str, int]]:
+  """(op, result bytes) of every all-reduce / all-to-all / all-gather in compiled HLO
+  text (start forms included, done forms skipped): how many bytes each sync moves."""
+  out = []
+  for line in compiled_text.splitlines():
+    if "=" not in line:
+      continue
+    rhs = line.split("=", 1)[1]
+    op = next((c for c in _COLLECTIVES if f" {c}(" in rhs or f" {c}-start(" in rhs), None)
+    if op is None:
+      continue
+    result = rhs.split(f" {op}", 1)[0]  # the result type(s), before the op name
+    out.append((op, sum(_DTYPE_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d]))
+                        for t, dims in _SHAPE.findall(result))))
+  return out

@@ -181,11 +181,12 @@ def test_sync_plan_constructors():
 
 @pytest.mark.parametrize("kwargs,n,match", [
     (dict(n_heads=8, d_ff=64), 3, "does not divide n_heads=8"),
-    (dict(n_heads=8, n_kv_heads=2, d_ff=64), 4, "n_kv_heads=2"),
+    (dict(d_model=48, n_heads=6, n_kv_heads=3, d_ff=48), 2, r"n_kv_heads=3 \(nor is TP"),
     (dict(n_heads=8, d_ff=36), 8, "d_ff=36"),
 ])
 def test_bad_tp_sizes_are_rejected(kwargs, n, match):
-  cfg = lm.LMConfig(vocab_size=256, d_model=64, n_layers=2, max_seq_len=8, **kwargs)
+  cfg = lm.LMConfig(**{"vocab_size": 256, "d_model": 64, "n_layers": 2, "max_seq_len": 8,
+                       **kwargs})
   with pytest.raises(ValueError, match=match):
     tp.make_forward(cfg, sharding.make_mesh(n))
 
