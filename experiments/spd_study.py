@@ -2,8 +2,12 @@
 zero-shot / B2B / head-grouping strategies, perplexity and cloze accuracy
 against the fraction of attention syncs dropped, for several TP sizes.
 
-  python -m experiments.spd_study            # quick mode (the main job's section), minutes
-  python -m experiments.spd_study --full     # the 8-block study model, ~30 min on 2 cores
+  python -m experiments.spd_study                  # quick mode (the main job's section), minutes
+  python -m experiments.spd_study --config=deep    # the 16-block study + sync planner (= --full)
+  python -m experiments.spd_study --config=full8   # the earlier 8-block study model
+
+Finished evaluations are kept in <outdir>/spd_study_cache.json: an interrupted run resumes,
+and a changed config or model starts afresh (the old file is set aside).
 """
 
 import dataclasses
@@ -13,10 +17,12 @@ from absl import app, flags, logging
 from core import report
 from spd_jax import study
 
-_FULL = flags.DEFINE_bool("full", False, "The full study model (default: the quick one).")
+_CONFIG = flags.DEFINE_enum("config", None, list(study.CONFIGS),
+                            "Study config (default: quick, or deep with --full).")
+_FULL = flags.DEFINE_bool("full", False, "Same as --config=deep.")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None,
                                  "Checkpoint folder of the LM, trained or resumed here "
-                                 "(default: runs/spd_study_lm in full mode, "
+                                 "(default: runs/spd_deep_lm, runs/spd_study_lm for full8, "
                                  "<outdir>/models/spd_quick_lm in quick mode).")
 _OUTDIR = flags.DEFINE_string("outdir", "results/spd_study", "Report, JSON and figures.")
 _TP = flags.DEFINE_list("tp_sizes", None, "TP sizes to study (default 2,4,8).")
@@ -29,7 +35,8 @@ _B2B_STEPS = flags.DEFINE_integer("b2b_steps", None, "B2B distillation steps per
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-  cfg = study.FULL if _FULL.value else study.QUICK
+  name = _CONFIG.value or ("deep" if _FULL.value else "quick")
+  cfg = study.CONFIGS[name]
   over = {}
   if _TP.value:
     over["tp_sizes"] = tuple(int(n) for n in _TP.value)
@@ -42,10 +49,10 @@ def main(argv):
   if _B2B_STEPS.value:
     over["b2b"] = dataclasses.replace(cfg.b2b, steps=_B2B_STEPS.value)
   cfg = dataclasses.replace(cfg, **over)
-  model_dir = _MODEL_DIR.value or study.default_model_dir(not _FULL.value, _OUTDIR.value)
+  model_dir = _MODEL_DIR.value or study.default_model_dir(name, _OUTDIR.value)
   run = lambda quick, outdir: study.run_study(cfg, outdir, model_dir=model_dir)
   report.write_report_or_exit(f"{_OUTDIR.value}/REPORT.md", [("spd_accuracy", run)],
-                              quick=not _FULL.value, outdir=_OUTDIR.value, echo=True)
+                              quick=name == "quick", outdir=_OUTDIR.value, echo=True)
 
 
 if __name__ == "__main__":

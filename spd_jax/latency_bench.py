@@ -29,11 +29,14 @@ class BenchConfig:
   decode_steps: int = 16
   repeats: int = 7
   fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+  codecs: tuple[str, ...] = ("bf16", "int8")  # every sync compressed, nothing dropped
   ar_sizes: tuple[int, ...] = (256, 4096, 65536, 262144, 1048576)  # float32 elements
 
 
+# Quick: three drop fractions and the two codecs keep the six variants (and the time) of
+# the earlier five-fraction quick benchmark.
 QUICK = BenchConfig(lm.LMConfig(d_model=256, n_layers=8, n_heads=8, d_ff=768, max_seq_len=128),
-                    batch=4, prompt_len=64, decode_steps=16, repeats=5)
+                    batch=4, prompt_len=64, decode_steps=16, repeats=5, fractions=(0.0, 0.5, 1.0))
 FULL = BenchConfig(lm.LMConfig(d_model=512, n_layers=8, n_heads=8, d_ff=1536, max_seq_len=256),
                    batch=8, prompt_len=128, decode_steps=32, repeats=15)
 
@@ -62,13 +65,19 @@ def worker(cfg_kwargs: dict, bench_kwargs: dict) -> dict:
   for f in bench.fractions:
     variants[f"{int(round(f * 100))}%"] = {"plan": tp.SyncPlan.drop_fraction(cfg.n_layers, f),
                                            "no_sync": False}
+  for codec in bench.codecs:
+    every = (codec,) * cfg.n_layers
+    variants[f"{codec} syncs"] = {"plan": tp.SyncPlan((False,) * cfg.n_layers, every, every),
+                                  "no_sync": False}
   variants["no-sync"] = {"plan": tp.SyncPlan.dense(cfg.n_layers), "no_sync": True}
 
   for v in variants.values():
     fwd = tp.make_forward(cfg, mesh, v["plan"], with_cache=True, no_sync=v["no_sync"])
     cache = tp.init_cache(cfg, mesh, bench.batch, max_len)
-    v["all_reduces"] = tp.count_all_reduces(
-        fwd.lower(params, prompt, cache, pos0).compile().as_text())
+    hlo = fwd.lower(params, prompt, cache, pos0).compile().as_text()
+    v["all_reduces"] = tp.count_all_reduces(hlo)
+    payloads = tp.collective_payloads(hlo)  # prefill: what each device's collectives return
+    v["collectives"], v["payload_bytes"] = len(payloads), sum(b for _, b in payloads)
     v["fn"] = fwd
     _, warm = fwd(params, prompt, cache, pos0)          # compile prefill shape
     jax.block_until_ready(fwd(params, next_tok, warm, positions[0]))  # and decode shape
@@ -97,8 +106,8 @@ def worker(cfg_kwargs: dict, bench_kwargs: dict) -> dict:
                               in_specs=P(sharding.TP), out_specs=P()))
     jax.block_until_ready(f(x))
     ar[n_el * 4] = statistics.median(_timed(lambda: f(x)) for _ in range(max(5, bench.repeats)))
-  return {"variants": {k: {"all_reduces": v["all_reduces"], "prefill": v["prefill"],
-                           "decode": v["decode"]} for k, v in variants.items()},
+  keep = ("all_reduces", "collectives", "payload_bytes", "prefill", "decode")
+  return {"variants": {k: {f: v[f] for f in keep} for k, v in variants.items()},
           "allreduce_seconds": ar, "process": jax.process_index()}
 
 
@@ -118,7 +127,8 @@ def run(bench: BenchConfig, num_processes: int, timeout: float = 900.0) -> dict:
   for name in results[0]["variants"]:
     per = [r["variants"][name] for r in results]
     rows[name] = {
-        "all_reduces": per[0]["all_reduces"],
+        "all_reduces": per[0]["all_reduces"], "collectives": per[0]["collectives"],
+        "payload_bytes": per[0]["payload_bytes"],
         "prefill_s": statistics.median(map(max, zip(*(p["prefill"] for p in per)))),
         "decode_s": statistics.median(map(max, zip(*(p["decode"] for p in per)))),
     }

@@ -23,8 +23,11 @@ assumption.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
+
+from spd_jax import compress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,3 +146,66 @@ def fit_alpha_beta(sizes_bytes, seconds, n_devices: int) -> tuple[float, float]:
   a = np.stack([np.full_like(sizes, 2 * (n_devices - 1)), 2 * (n_devices - 1) / n_devices * sizes], 1)
   (alpha, inv_beta), *_ = np.linalg.lstsq(a, t, rcond=None)
   return float(alpha), float(1.0 / inv_beta) if inv_beta > 0 else float("inf")
+
+
+CODEC_TRAFFIC = ("fused", "unfused")
+
+
+def sync_time(m: ModelShape, hw: Hardware, n_devices: int, tokens: int, action: str,
+              algorithm: str = "ring", codec_traffic: str = "fused") -> float:
+  """Modelled seconds of one sync carrying ``tokens`` x d_model activations.
+
+  ``keep``: a plain all-reduce of bf16 activations (``m.bytes_per_param``) by
+  ``algorithm``. A codec: its payload (``compress.payload_bytes_per_element``)
+  through a reduce-scatter (all-to-all) and an all-gather, which move what a ring
+  all-reduce moves, so the ring formula applies to the smaller message; plus HBM
+  traffic for the codec, memory-bound. ``codec_traffic`` (an assumption either way):
+
+  * ``fused``: encoding happens in the producing matmul's epilogue and decoding in
+    the consumer's prologue (as in quantised-communication kernels), so the extra
+    traffic is the reduction step alone: read the N received chunks, write the
+    re-encoded one (payload x (1 + 1/N)).
+  * ``unfused``: separate kernels: read the bf16 activations and write the payload
+    to encode, read the received chunks and write the reduced one, read the
+    gathered payload and write bf16 to decode (about 2 x (2 + 2 x payload) bytes
+    per element).
+
+  ``drop``: nothing.
+  """
+  if codec_traffic not in CODEC_TRAFFIC:
+    raise ValueError(f"codec_traffic must be one of {CODEC_TRAFFIC}, got {codec_traffic!r}")
+  if action == "drop":
+    return 0.0
+  elems = tokens * m.d_model
+  if action == "keep":
+    return allreduce_time(elems * m.bytes_per_param, n_devices, hw.alpha, hw.link_bw, algorithm)
+  per_el = compress.payload_bytes_per_element(action, max(1, m.d_model // n_devices))
+  wire = allreduce_time(elems * per_el, n_devices, hw.alpha, hw.link_bw, "ring")
+  if codec_traffic == "fused":
+    traffic = elems * per_el * (1 + 1 / n_devices)
+  else:
+    traffic = 2 * (elems * m.bytes_per_param + 2 * elems * per_el)
+  return wire + traffic / (hw.mem_bw * hw.efficiency)
+
+
+def plan_latency(m: ModelShape, hw: Hardware, n_devices: int, attn: Sequence[str],
+                 mlp: Sequence[str], *, batch: int = 1, new_tokens: int = 1, context: int = 1024,
+                 algorithm: str = "ring", codec_traffic: str = "fused") -> float:
+  """Modelled seconds of one forward under per-block sync actions (one per model block:
+  attention keep/drop/codec, MLP keep/codec); ``forward_latency`` with every sync priced."""
+  if len(attn) != m.n_layers or len(mlp) != m.n_layers:
+    raise ValueError(f"{m.name} has {m.n_layers} blocks; got {len(attn)} attention and "
+                     f"{len(mlp)} MLP actions")
+  compute = forward_latency(m, hw, n_devices, batch=batch, new_tokens=new_tokens,
+                            context=context, algorithm=algorithm)["compute"]
+  tokens = batch * new_tokens
+  t = {a: sync_time(m, hw, n_devices, tokens, a, algorithm, codec_traffic)
+       for a in set(attn) | set(mlp)}
+  return compute + sum(t[a] for a in attn) + sum(t[a] for a in mlp)
+
+
+def map_actions(actions: Sequence[str], n_model_layers: int) -> tuple[str, ...]:
+  """Spreads a study model's per-block actions over a deeper model: model block j takes
+  study block floor(j L_study / L_model) (16 -> 80 blocks: each action covers 5)."""
+  n = len(actions)
+  return tuple(actions[j * n // n_model_layers] for j in range(n_model_layers))

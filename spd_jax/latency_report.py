@@ -15,11 +15,13 @@ from spd_jax import latency_bench, latency_model
 def _measured_table(res: dict) -> str:
   rows = []
   for name, r in res["rows"].items():
-    rows.append((name, r["all_reduces"], r["prefill_s"] * 1e3, r["prefill_ratio"],
-                 r["decode_s"] * 1e3, r["decode_ratio"], r["decode_gap_recovered"]))
+    rows.append((name, r["all_reduces"], r["collectives"], r["payload_bytes"] / 1e3,
+                 r["prefill_s"] * 1e3, r["prefill_ratio"], r["decode_s"] * 1e3,
+                 r["decode_ratio"], r["decode_gap_recovered"]))
   return report.markdown_table(
-      ["attn syncs dropped", "all-reduces / fwd (HLO)", "prefill ms", "prefill / 0%",
-       "decode ms/token", "decode / 0%", "decode gap to no-sync recovered"], rows)
+      ["variant", "all-reduces / fwd (HLO)", "collectives / fwd (HLO)",
+       "prefill payload kB / device (HLO)", "prefill ms", "prefill / 0%", "decode ms/token",
+       "decode / 0%", "decode gap to no-sync recovered"], rows)
 
 
 def _model_check(res: dict, bench: latency_bench.BenchConfig) -> tuple[dict, list]:
@@ -70,7 +72,7 @@ def latency_study(bench: latency_bench.BenchConfig, process_counts: Sequence[int
     fit, check_rows = _model_check(res, bench)
     res["fit"] = fit
     all_res[n] = res
-    named = [k for k in res["rows"] if k.endswith("%")]
+    named = [k for k in res["rows"] if k.endswith("%")]  # the drop fractions
     xs = [float(k[:-1]) for k in named]
     dec_series[f"decode, {n} proc"] = (xs, [res["rows"][k]["decode_s"] * 1e3 for k in named])
     pre_series[f"prefill, {n} proc"] = (xs, [res["rows"][k]["prefill_s"] * 1e3 for k in named])
@@ -93,7 +95,10 @@ def latency_study(bench: latency_bench.BenchConfig, process_counts: Sequence[int
       f"Model: d={c.d_model}, L={c.n_layers}, H={c.n_heads}, F={c.d_ff}; batch {bench.batch}, "
       f"prompt {bench.prompt_len}, {bench.decode_steps} decode steps, {bench.repeats} "
       "interleaved repeats, medians of the per-step maximum over processes. Syncs are dropped "
-      "from the last block backwards; 'no-sync' removes every psum (wrong output, lower bound).",
+      "from the last block backwards; '<codec> syncs' keeps every sync but sends it compressed "
+      "(all-to-all + all-gather of bf16 or int8 payloads with per-token-chunk scales, "
+      "``spd_jax.compress``); 'no-sync' removes every psum (wrong output, lower bound). The "
+      "payload column sums the result sizes of the prefill's collectives in the compiled HLO.",
       *parts,
       f"![decode]({os.path.relpath(fig1, outdir)}) ![prefill]({os.path.relpath(fig2, outdir)})",
       "**Analytical model (not a measurement)**: roofline per block plus an all-reduce model, "

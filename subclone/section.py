@@ -243,7 +243,7 @@ def run(quick: bool, outdir: str, progress: bool = True, iso_only: bool = False
   plan = ISO_ONLY if iso_only else QUICK if quick else FULL
   mode = "quick" if quick else "full"
   trained = spd_study.train_model(spd_study.QUICK if quick else spd_study.FULL,
-                                  spd_study.default_model_dir(quick, outdir), progress)
+                                  spd_study.default_model_dir("quick" if quick else "full8", outdir), progress)
   lm_res = study.lm_study(trained.params, trained.model_config, plan.lm,
                           os.path.join(outdir, "subclone", f"lm_{mode}_runs.json"), progress)
   vparams, vcfg, vmetrics, ds, val = vit_parent(

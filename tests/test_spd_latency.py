@@ -52,9 +52,16 @@ def test_recursive_doubling_all_reduce_by_hand():
 def test_loopback_benchmark_runs_and_counts_all_reduces():
   bench = latency_bench.BenchConfig(
       lm.LMConfig(d_model=32, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16),
-      batch=1, prompt_len=4, decode_steps=2, repeats=1, fractions=(0.0, 1.0), ar_sizes=(16, 64))
+      batch=1, prompt_len=4, decode_steps=2, repeats=1, fractions=(0.0, 1.0), ar_sizes=(16, 64),
+      codecs=("int8",))
   res = latency_bench.run(bench, 2, timeout=180)
   rows = res["rows"]
-  assert {k: r["all_reduces"] for k, r in rows.items()} == {"0%": 4, "100%": 2, "no-sync": 0}  # 2L - dropped
+  assert {k: r["all_reduces"] for k, r in rows.items()} == {  # 2L - dropped; int8: none
+      "0%": 4, "100%": 2, "int8 syncs": 0, "no-sync": 0}
+  # By hand, per device and prefill (1 x 4 tokens x 32 features): a plain sync returns
+  # 512 float32 bytes; an int8 sync returns 128 int8 values + 2 chunk scales per token
+  # (32 bytes) from its all-to-all and the same from its all-gather.
+  assert rows["0%"]["payload_bytes"] == 4 * 4 * 32 * 4
+  assert rows["int8 syncs"]["payload_bytes"] == 4 * 2 * (4 * 32 + 4 * 2 * 4)
   assert all(0 < r["decode_s"] < 10 and 0 < r["prefill_s"] < 10 for r in rows.values())
   assert sorted(res["allreduce_seconds"]) == [64, 256]
