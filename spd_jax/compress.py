@@ -12,6 +12,12 @@ smaller payload (the layout of ZeRO++'s quantised gradient reduction):
 
 Each device sends 2 (N - 1) / N of the encoded vector, as a ring all-reduce
 does of the float vector, so the traffic shrinks by the encoding's ratio.
+That is ``two_shot``; ``one_shot`` all-gathers every device's encoded partial
+sum and each device decodes and sums the N of them (one collective instead of
+two, (N - 1) / N * N of the encoded vector per device, no re-encoding: the
+low-latency kind, best for small messages and N = 2). An int8 payload carries
+its float32 scales bit-cast into the same int8 buffer, so every step is one
+collective.
 
 Codecs: ``f32`` (lossless; the decomposition alone), ``bf16`` (round to
 bfloat16), ``int8`` (symmetric, one float32 scale per token and chunk: scale =
@@ -20,8 +26,9 @@ int8 sync is at most half a scale per encoding, so
 
     |compressed - exact| <= sum_i max|chunk_i| / 254 + max|reduced chunk| / 254
 
-(``int8_error_bound``). ``emulated_sum`` computes the same values on one
-device from the stacked partial sums (the accuracy studies use it).
+(``int8_error_bound``; one-shot has the first term only). ``emulated_sum``
+computes the two-shot values on one device from the stacked partial sums (the
+accuracy studies use it).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 CODECS = ("f32", "bf16", "int8")
+ALGORITHMS = ("two_shot", "one_shot")
 _INT8_MAX = 127.0
 
 
@@ -68,21 +76,47 @@ def decode(payload: jax.Array, scale: jax.Array | None) -> jax.Array:
   return x if scale is None else x * scale
 
 
-def compressed_psum(x: jax.Array, codec: str, axis_name: str) -> jax.Array:
+def _pack(q: jax.Array, s: jax.Array | None) -> jax.Array:
+  """One buffer per collective: int8 values with their float32 scale's 4 bytes appended;
+  bf16 travels bit-cast as uint16 (XLA:CPU would widen a bf16 collective to float32)."""
+  if q.dtype == jnp.bfloat16:
+    return jax.lax.bitcast_convert_type(q, jnp.uint16)
+  if s is None:
+    return q
+  s_bytes = jax.lax.bitcast_convert_type(s[..., 0], jnp.int8)  # (..., 4)
+  return jnp.concatenate([q, s_bytes], axis=-1)
+
+
+def _unpack(buf: jax.Array, codec: str) -> jax.Array:
+  if codec == "bf16":
+    return decode(jax.lax.bitcast_convert_type(buf, jnp.bfloat16), None)
+  if codec != "int8":
+    return decode(buf, None)
+  scale = jax.lax.bitcast_convert_type(buf[..., -4:], jnp.float32)[..., None]
+  return decode(buf[..., :-4], scale)
+
+
+def compressed_psum(x: jax.Array, codec: str, axis_name: str,
+                    algorithm: str = "two_shot") -> jax.Array:
   """``psum(x, axis_name)`` over a ``codec``-encoded payload (inside shard_map)."""
+  check_codec(codec)
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"unknown compressed all-reduce algorithm {algorithm!r}; choose one of "
+                     f"{ALGORITHMS}")
   n = jax.lax.axis_size(axis_name)
   xc = _chunks(x.astype(jnp.float32), n)              # (..., N, D/N)
   ax = xc.ndim - 2
-  a2a = lambda a: jax.lax.all_to_all(a, axis_name, ax, ax, tiled=True)
-  q, s = encode(xc, codec)
-  q, s = a2a(q), (None if s is None else a2a(s))      # now (..., N sources, D/N) of my chunk
-  mine = jnp.sum(decode(q, s), axis=ax, keepdims=True)  # (..., 1, D/N), summed in float32
-  # 'invarying': every device now holds the same vector, as after a psum (keeps the
+  # 'invarying': every device ends with the same vector, as after a psum (keeps the
   # shard_map replication check on for the logits).
-  gather = lambda a: jax.lax.all_gather(a, axis_name, axis=ax, tiled=True, to="invarying")
-  q, s = encode(mine, codec)
-  q, s = gather(q), (None if s is None else gather(s))
-  return decode(q, s).reshape(x.shape).astype(x.dtype)
+  gather = lambda a, axis: jax.lax.all_gather(a, axis_name, axis=axis, tiled=True,
+                                              to="invarying")
+  if algorithm == "one_shot":
+    everyone = gather(_pack(*encode(xc, codec))[None], 0)  # (N sources, ..., N, D/N [+4])
+    return jnp.sum(_unpack(everyone, codec), 0).reshape(x.shape).astype(x.dtype)
+  mine = jax.lax.all_to_all(_pack(*encode(xc, codec)), axis_name, ax, ax, tiled=True)
+  reduced = jnp.sum(_unpack(mine, codec), axis=ax, keepdims=True)  # my chunk, float32
+  out = _unpack(gather(_pack(*encode(reduced, codec)), ax), codec)
+  return out.reshape(x.shape).astype(x.dtype)
 
 
 def round_trip(x: jax.Array, codec: str) -> jax.Array:

@@ -30,13 +30,15 @@ class BenchConfig:
   repeats: int = 7
   fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
   codecs: tuple[str, ...] = ("bf16", "int8")  # every sync compressed, nothing dropped
+  algorithms: tuple[str, ...] = ("two_shot", "one_shot")  # compress.ALGORITHMS
   ar_sizes: tuple[int, ...] = (256, 4096, 65536, 262144, 1048576)  # float32 elements
 
 
-# Quick: three drop fractions and the two codecs keep the six variants (and the time) of
-# the earlier five-fraction quick benchmark.
+# Quick: three drop fractions and int8 by both algorithms keep the six variants (and the
+# time) of the earlier five-fraction quick benchmark.
 QUICK = BenchConfig(lm.LMConfig(d_model=256, n_layers=8, n_heads=8, d_ff=768, max_seq_len=128),
-                    batch=4, prompt_len=64, decode_steps=16, repeats=5, fractions=(0.0, 0.5, 1.0))
+                    batch=4, prompt_len=64, decode_steps=16, repeats=5, fractions=(0.0, 0.5, 1.0),
+                    codecs=("int8",))
 FULL = BenchConfig(lm.LMConfig(d_model=512, n_layers=8, n_heads=8, d_ff=1536, max_seq_len=256),
                    batch=8, prompt_len=128, decode_steps=32, repeats=15)
 
@@ -67,12 +69,15 @@ def worker(cfg_kwargs: dict, bench_kwargs: dict) -> dict:
                                            "no_sync": False}
   for codec in bench.codecs:
     every = (codec,) * cfg.n_layers
-    variants[f"{codec} syncs"] = {"plan": tp.SyncPlan((False,) * cfg.n_layers, every, every),
-                                  "no_sync": False}
+    for alg in bench.algorithms:
+      variants[f"{codec} syncs, {alg.replace('_', '-')}"] = {
+          "plan": tp.SyncPlan((False,) * cfg.n_layers, every, every), "no_sync": False,
+          "algorithm": alg}
   variants["no-sync"] = {"plan": tp.SyncPlan.dense(cfg.n_layers), "no_sync": True}
 
   for v in variants.values():
-    fwd = tp.make_forward(cfg, mesh, v["plan"], with_cache=True, no_sync=v["no_sync"])
+    fwd = tp.make_forward(cfg, mesh, v["plan"], with_cache=True, no_sync=v["no_sync"],
+                          compressed_algorithm=v.get("algorithm", "two_shot"))
     cache = tp.init_cache(cfg, mesh, bench.batch, max_len)
     hlo = fwd.lower(params, prompt, cache, pos0).compile().as_text()
     v["all_reduces"] = tp.count_all_reduces(hlo)

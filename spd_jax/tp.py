@@ -137,25 +137,28 @@ class SyncPlan:
     return 2 * self.n_layers - self.n_dropped
 
 
-def _reducer(codec: str, no_sync: bool) -> Callable[[jax.Array], jax.Array]:
+def _reducer(codec: str, no_sync: bool, algorithm: str = "two_shot"
+             ) -> Callable[[jax.Array], jax.Array]:
   if no_sync:
     return lambda a: a
   if codec == PLAIN:
     return functools.partial(jax.lax.psum, axis_name=TP)
-  return functools.partial(compress.compressed_psum, codec=codec, axis_name=TP)
+  return functools.partial(compress.compressed_psum, codec=codec, axis_name=TP,
+                           algorithm=algorithm)
 
 
 def tp_block(p: dict, x_BxLxD: jax.Array, pos: jax.Array, cfg: lm.LMConfig,
              kv: dict | None, *, drop_attn_sync: bool, residual: str = "sum",
-             no_sync: bool = False, attn_codec: str = PLAIN, mlp_codec: str = PLAIN
-             ) -> tuple[jax.Array, dict | None]:
+             no_sync: bool = False, attn_codec: str = PLAIN, mlp_codec: str = PLAIN,
+             compressed_algorithm: str = "two_shot") -> tuple[jax.Array, dict | None]:
   """One block on one device's shard (call inside shard_map over ``TP``).
 
   ``*_codec``: each sync's payload (``PLAIN`` psum or a ``compress`` codec; a
-  dropped block's one sync uses ``mlp_codec``). ``no_sync`` removes every
-  psum: wrong output, used only as the latency lower bound.
+  dropped block's one sync uses ``mlp_codec``), sent by ``compressed_algorithm``.
+  ``no_sync`` removes every psum: wrong output, used only as the latency lower bound.
   """
-  sync_attn, sync_mlp = _reducer(attn_codec, no_sync), _reducer(mlp_codec, no_sync)
+  sync_attn, sync_mlp = (_reducer(c, no_sync, compressed_algorithm)
+                         for c in (attn_codec, mlp_codec))
   bo = p["attn"].get("bo", 0.0)
   b_down = p["mlp"].get("b_down", 0.0)
   h = layers.rms_norm(x_BxLxD, p["attn_norm"]["scale"], cfg.norm_eps)
@@ -172,11 +175,12 @@ def tp_block(p: dict, x_BxLxD: jax.Array, pos: jax.Array, cfg: lm.LMConfig,
   return sync_mlp((x_BxLxD + o_i) / n + z_i) + bo + b_down, new_kv
 
 
-def _local_forward(params, tokens_BxL, cache, pos, *, cfg, plan, residual, no_sync):
+def _local_forward(params, tokens_BxL, cache, pos, *, cfg, plan, residual, no_sync,
+                   compressed_algorithm):
   def block_fn(i, p, x, pos, kv):
     return tp_block(p, x, pos, cfg, kv, drop_attn_sync=plan.drop_attn[i], residual=residual,
                     no_sync=no_sync, attn_codec=plan.attn_codec[i],
-                    mlp_codec=plan.mlp_codec[i])
+                    mlp_codec=plan.mlp_codec[i], compressed_algorithm=compressed_algorithm)
   x, new_cache = lm.run_blocks(params, lm.embed(params, tokens_BxL), pos, cfg, cache, block_fn)
   return lm.unembed(params, x, cfg), new_cache
 
@@ -215,20 +219,24 @@ class TPForward:
 
 
 def make_forward(cfg: lm.LMConfig, mesh: Mesh, plan: SyncPlan | None = None, *,
-                 residual: str = "sum", with_cache: bool = False, no_sync: bool = False
-                 ) -> TPForward:
+                 residual: str = "sum", with_cache: bool = False, no_sync: bool = False,
+                 compressed_algorithm: str = "two_shot") -> TPForward:
   """A jitted TP forward over ``mesh``, with its inputs checked (``TPForward``).
 
   Without cache: ``f(params, tokens) -> logits``. With cache:
   ``f(params, tokens, cache, pos) -> (logits, cache)`` for prefill and decode.
   ``params`` must be placed by ``prepare_params``; logits come back replicated.
+  ``compressed_algorithm``: how the plan's compressed syncs travel (``compress.ALGORITHMS``).
   """
   plan = plan or SyncPlan.dense(cfg.n_layers)
   _check(cfg, mesh, plan, residual)
+  if compressed_algorithm not in compress.ALGORITHMS:
+    raise ValueError(f"unknown compressed all-reduce algorithm {compressed_algorithm!r}; "
+                     f"choose one of {compress.ALGORITHMS}")
   cfg = sharding.tp_config(cfg, mesh.shape[TP])  # KV heads replicated when TP > KV heads
   p_specs = sharding.param_specs(jax.eval_shape(lm.init, jax.random.key(0), cfg))
   body = functools.partial(_local_forward, cfg=cfg, plan=plan, residual=residual,
-                           no_sync=no_sync)
+                           no_sync=no_sync, compressed_algorithm=compressed_algorithm)
   # Without syncs the logits differ per device; skip the replication check.
   check_vma = not no_sync
   if with_cache:
@@ -272,8 +280,9 @@ def count_all_reduces(compiled_text: str) -> int:
 
 
 _COLLECTIVES = ("all-reduce", "all-to-all", "all-gather")
-_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "s32": 4, "pred": 1}
-_SHAPE = re.compile(r"\b(f32|bf16|f16|s8|u8|s32|pred)\[([\d,]*)\]")
+_DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "u64": 8, "s32": 4,
+                "u32": 4, "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 
 
 def collective_payloads(compiled_text: str) -> list[tuple[str, int]]:

@@ -114,10 +114,10 @@ def _np_int8_sync(parts):
   return q(q(c).sum(0)).reshape(parts.shape[1:])
 
 
-def _sharded_sync(codec, parts):
+def _sharded_sync(codec, parts, algorithm="two_shot"):
   mesh = sharding.make_mesh(parts.shape[0])
   body = (lambda a: jax.lax.psum(a[0], "tp")) if codec == "plain" else (
-      lambda a: compress.compressed_psum(a[0], codec, "tp"))
+      lambda a: compress.compressed_psum(a[0], codec, "tp", algorithm))
   f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("tp"), out_specs=P()))
   return np.asarray(f(parts)), f.lower(parts).compile().as_text()
 
@@ -143,10 +143,20 @@ def test_compressed_all_reduce_against_exact_sum_and_numpy(n):
   assert np.isfinite(int8).all() and (int8[0, 0] == 0).all()
   np.testing.assert_allclose(compress.emulated_sum(jnp.asarray(parts), "int8"), int8,
                              atol=1e-6, rtol=1e-6)
-  # The wire carries int8 payloads: the all-to-all and all-gather results are s8.
-  ops = [op for op, _ in tp.collective_payloads(hlo)]
-  assert "all-to-all" in ops and "all-gather" in ops and "all-reduce" not in ops
+  # The wire carries int8 payloads: one all-to-all and one all-gather, both s8.
+  assert sorted(op for op, _ in tp.collective_payloads(hlo)) == ["all-gather", "all-to-all"]
   assert any(" s8[" in line and "all-to-all(" in line for line in hlo.splitlines())
+  # One-shot: a single all-gather of every device's int8 partial sums, summed locally
+  # without re-encoding (so only the first term of the bound).
+  one, hlo1 = _sharded_sync("int8", parts, "one_shot")
+  c = parts.reshape(n, 3, 5, n, -1).astype(np.float64)
+  scale = np.abs(c).max(-1, keepdims=True) / 127
+  scale = np.where(scale > 0, scale, 1)
+  want = (np.clip(np.round(c / scale), -127, 127) * scale).sum(0).reshape(exact.shape)
+  np.testing.assert_allclose(one, want, atol=1e-5, rtol=1e-5)
+  assert [op for op, _ in tp.collective_payloads(hlo1)] == ["all-gather"]
+  with pytest.raises(ValueError, match="unknown compressed all-reduce algorithm"):
+    _sharded_sync("int8", parts, "three_shot")
 
 
 def test_compressed_plan_forward_against_plain_and_emulation():
@@ -182,9 +192,12 @@ def test_compressed_plan_forward_against_plain_and_emulation():
   text = tp.make_forward(cfg, mesh, mixed).lower(sp, tokens).compile().as_text()
   payloads = tp.collective_payloads(text)
   assert tp.count_all_reduces(text) == 0
-  # int8 sync: the a2a result is B*L*D int8 plus B*L*N float32 scales.
+  # int8 sync: one a2a whose result is B*L*D int8 plus B*L*N float32 scales packed in.
   b, l, d = tokens.shape + (cfg.d_model,)
-  assert ("all-to-all", b * l * d) in payloads and ("all-to-all", b * l * n * 4) in payloads
+  assert ("all-to-all", b * l * (d + n * 4)) in payloads
+  assert ("all-gather", b * l * (d + n * 4)) in payloads
+  # bf16 sync: 2-byte payloads on the wire (bit-cast, so XLA:CPU cannot widen them).
+  assert ("all-to-all", b * l * d * 2) in payloads
 
 
 def test_bad_plans_raise_clear_errors():
