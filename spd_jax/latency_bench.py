@@ -82,7 +82,8 @@ def worker(cfg_kwargs: dict, bench_kwargs: dict) -> dict:
     hlo = fwd.lower(params, prompt, cache, pos0).compile().as_text()
     v["all_reduces"] = tp.count_all_reduces(hlo)
     payloads = tp.collective_payloads(hlo)  # prefill: what each device's collectives return
-    v["collectives"], v["payload_bytes"] = len(payloads), sum(b for _, b in payloads)
+    v["collectives"] = len(payloads)
+    v["sent_bytes"] = tp.bytes_sent(payloads, jax.device_count())
     v["fn"] = fwd
     _, warm = fwd(params, prompt, cache, pos0)          # compile prefill shape
     jax.block_until_ready(fwd(params, next_tok, warm, positions[0]))  # and decode shape
@@ -111,7 +112,7 @@ def worker(cfg_kwargs: dict, bench_kwargs: dict) -> dict:
                               in_specs=P(sharding.TP), out_specs=P()))
     jax.block_until_ready(f(x))
     ar[n_el * 4] = statistics.median(_timed(lambda: f(x)) for _ in range(max(5, bench.repeats)))
-  keep = ("all_reduces", "collectives", "payload_bytes", "prefill", "decode")
+  keep = ("all_reduces", "collectives", "sent_bytes", "prefill", "decode")
   return {"variants": {k: {f: v[f] for f in keep} for k, v in variants.items()},
           "allreduce_seconds": ar, "process": jax.process_index()}
 
@@ -133,7 +134,7 @@ def run(bench: BenchConfig, num_processes: int, timeout: float = 900.0) -> dict:
     per = [r["variants"][name] for r in results]
     rows[name] = {
         "all_reduces": per[0]["all_reduces"], "collectives": per[0]["collectives"],
-        "payload_bytes": per[0]["payload_bytes"],
+        "sent_bytes": per[0]["sent_bytes"],
         "prefill_s": statistics.median(map(max, zip(*(p["prefill"] for p in per)))),
         "decode_s": statistics.median(map(max, zip(*(p["decode"] for p in per)))),
     }

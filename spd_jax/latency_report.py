@@ -15,12 +15,12 @@ from spd_jax import latency_bench, latency_model
 def _measured_table(res: dict) -> str:
   rows = []
   for name, r in res["rows"].items():
-    rows.append((name, r["all_reduces"], r["collectives"], r["payload_bytes"] / 1e3,
+    rows.append((name, r["all_reduces"], r["collectives"], r["sent_bytes"] / 1e3,
                  r["prefill_s"] * 1e3, r["prefill_ratio"], r["decode_s"] * 1e3,
                  r["decode_ratio"], r["decode_gap_recovered"]))
   return report.markdown_table(
       ["variant", "all-reduces / fwd (HLO)", "collectives / fwd (HLO)",
-       "prefill payload kB / device (HLO)", "prefill ms", "prefill / 0%", "decode ms/token",
+       "prefill kB sent / device (HLO)", "prefill ms", "prefill / 0%", "decode ms/token",
        "decode / 0%", "decode gap to no-sync recovered"], rows)
 
 
@@ -98,7 +98,8 @@ def latency_study(bench: latency_bench.BenchConfig, process_counts: Sequence[int
       "from the last block backwards; '<codec> syncs' keeps every sync but sends it compressed "
       "(all-to-all + all-gather of bf16 or int8 payloads with per-token-chunk scales, "
       "``spd_jax.compress``); 'no-sync' removes every psum (wrong output, lower bound). The "
-      "payload column sums the result sizes of the prefill's collectives in the compiled HLO.",
+      "kB-sent column counts the prefill's collectives in the compiled HLO: 2(N-1)/N of each "
+      "all-reduce result (ring), (N-1)/N of each all-to-all or all-gather result.",
       *parts,
       f"![decode]({os.path.relpath(fig1, outdir)}) ![prefill]({os.path.relpath(fig2, outdir)})",
       "**Analytical model (not a measurement)**: roofline per block plus an all-reduce model, "

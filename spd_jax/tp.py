@@ -300,3 +300,10 @@ def collective_payloads(compiled_text: str) -> list[tuple[str, int]]:
     out.append((op, sum(_DTYPE_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d]))
                         for t, dims in _SHAPE.findall(result))))
   return out
+
+
+def bytes_sent(payloads: list[tuple[str, int]], n_devices: int) -> float:
+  """Bytes each device sends for ``collective_payloads``: a ring all-reduce sends
+  2 (N - 1) / N of its result, an all-to-all or all-gather (N - 1) / N of it."""
+  share = {"all-reduce": 2 * (n_devices - 1) / n_devices}
+  return sum(b * share.get(op, (n_devices - 1) / n_devices) for op, b in payloads)

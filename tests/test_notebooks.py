@@ -35,6 +35,14 @@ def _check_spd_tour(out: str) -> None:
   assert [int(n) for _, n in counts] == [2 * 4 - int(k) for k, _ in counts]  # 2L - dropped
   # The paper reports ~20% on 8 GPUs; the model's presets land around that.
   assert all(5 < r < 45 for r in _floats(r"modelled latency reduction: ([\d.]+)%", out))
+  assert _floats(r"TP=8 over 4 KV heads: max \|TP - dense\| = ([\d.e+-]+)", out)[0] < 1e-4
+  assert 0 < _floats(r"max \|int8 - dense\| = ([\d.e+-]+)", out)[0] < 0.1
+  plain, int8 = map(float, re.search(r"plain ([\d.]+) kB, int8 ([\d.]+) kB", out).groups())
+  assert int8 < 0.35 * plain  # int8 + scales vs float32
+  planned, dropped = map(float, re.search(r"planner ([\d.]+) ms vs drop-only ([\d.]+) ms",
+                                          out).groups())
+  assert planned <= dropped
+  assert _floats(r"perplexity ([+-][\d.]+)% vs budget", out)[0] <= 0.1
 
 
 def _check_rapidnn_tour(out: str) -> None:

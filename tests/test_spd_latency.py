@@ -60,11 +60,11 @@ def test_loopback_benchmark_runs_and_counts_all_reduces():
   assert {k: r["all_reduces"] for k, r in rows.items()} == {  # 2L - dropped; int8: none
       "0%": 4, "100%": 2, "int8 syncs, two-shot": 0, "int8 syncs, one-shot": 0, "no-sync": 0}
   assert (two["collectives"], one["collectives"]) == (8, 4)  # per sync: a2a + gather / gather
-  # By hand, per device and prefill (1 x 4 tokens x 32 features): a plain sync returns
-  # 512 float32 bytes; an int8 sync 128 int8 values + 2 chunk scales per token (32 bytes,
-  # packed in the same buffer) from its all-to-all and again from its all-gather; one-shot
-  # gathers both devices' 160-byte payloads.
-  assert rows["0%"]["payload_bytes"] == 4 * 4 * 32 * 4
-  assert two["payload_bytes"] == one["payload_bytes"] == 4 * 2 * (4 * 32 + 4 * 2 * 4)
+  # By hand, per device and prefill (1 x 4 tokens x 32 features, N = 2): a plain sync's
+  # ring sends 2 (N-1)/N of 512 float32 bytes; an int8 sync returns 128 int8 values + 2 chunk
+  # scales per token (32 bytes, packed in the same buffer) from its all-to-all and again
+  # from its all-gather, sending half of each; one-shot gathers both devices' 160 bytes.
+  assert rows["0%"]["sent_bytes"] == 4 * (4 * 32 * 4)
+  assert two["sent_bytes"] == one["sent_bytes"] == 4 * 2 * (4 * 32 + 4 * 2 * 4) / 2
   assert all(0 < r["decode_s"] < 10 and 0 < r["prefill_s"] < 10 for r in rows.values())
   assert sorted(res["allreduce_seconds"]) == [64, 256]
