@@ -140,8 +140,12 @@ def study_tp(params, cfg: StudyConfig, n: int, windows, cloze_set, calib, calib_
       lambda plan: ev.ppl(params, plan.drop_attn, calib_windows), L)))
   classes = sensitivity.classify(sens["progressive"], cfg.t_isb, cfg.t_esb)
   order = sensitivity.drop_order(sens["isolated"])
-  _stage(progress, f"TP={n}: B2B distillation of {L} blocks, head grouping, B2B again")
-  donors = strategy_params(params, cfg, n, calib)
+
+  @functools.cache  # only when an evaluation is not cached yet (a resumed study skips it)
+  def donors():
+    _stage(progress, f"TP={n}: B2B distillation of {L} blocks, head grouping, B2B again")
+    return strategy_params(params, cfg, n, calib)
+
   with_cloze = cfg.cloze_tp_sizes is None or n in cfg.cloze_tp_sizes
   dense_correct = None
   if with_cloze:
@@ -152,7 +156,7 @@ def study_tp(params, cfg: StudyConfig, n: int, windows, cloze_set, calib, calib_
     drop = tuple(i in set(order[:k]) for i in range(L))
     for s in STRATEGIES:
       def evaluate(s=s, drop=drop, k=k):
-        p = plan_study.swap_dropped(params, donors[s], drop)
+        p = plan_study.swap_dropped(params, donors()[s], drop) if k else params
         rec = {"ppl": ev.ppl(p, drop)}
         if with_cloze and s in cfg.cloze_strategies:
           correct = dense_correct if k == 0 else ev.cloze_correct(p, drop)
@@ -163,7 +167,7 @@ def study_tp(params, cfg: StudyConfig, n: int, windows, cloze_set, calib, calib_
   if n == cfg.planner_tp:
     _stage(progress, f"TP={n}: sync planner ({len(cfg.planner_settings)} settings)")
     out["planner"] = runs.get(f"tp{n}/planner", lambda: plan_study.run(
-        params, donors["ZS+B2B+HG"], cfg.model, n, calib_windows, windows,
+        params, donors()["ZS+B2B+HG"], cfg.model, n, calib_windows, windows,
         cfg.planner_settings, progress=lambda m: _stage(progress, m)))
   return out
 
