@@ -39,13 +39,16 @@ class Setting:
             f"{self.phase}{extra}")
 
 
-FRONT = (0.0025, 0.005, 0.01, 0.02, 0.05)
+FRONT = (0.005, 0.01, 0.02, 0.05)
+# Fronts for LLaMA-2-7B/70B on A100/H100 (prefill, and 70B decode); single 1% budgets for
+# PCIe, the unfused-codec assumption and 7B decode.
 SETTINGS = (Setting("70b", "a100-nvlink", "prefill", FRONT),
             Setting("70b", "a100-nvlink", "decode", FRONT),
+            Setting("70b", "h100-nvlink", "prefill", FRONT),
+            Setting("7b", "a100-nvlink", "prefill", FRONT),
+            Setting("7b", "h100-nvlink", "prefill", FRONT),
             Setting("70b", "a100-nvlink", "prefill", codec_traffic="unfused"),
-            Setting("70b", "a100-pcie", "prefill"),
-            Setting("70b", "h100-nvlink", "prefill"), Setting("7b", "a100-nvlink", "prefill"),
-            Setting("7b", "h100-nvlink", "prefill"), Setting("7b", "h100-nvlink", "decode"))
+            Setting("70b", "a100-pcie", "prefill"), Setting("7b", "h100-nvlink", "decode"))
 
 
 def swap_dropped(params: dict, donor: dict, drop) -> dict:

@@ -49,6 +49,7 @@ class StudyConfig:
   cloze_strategies: tuple[str, ...] = STRATEGIES   # scored on the cloze test
   planner_tp: int | None = 8   # run the sync planner at this TP size (None: not at all)
   planner_settings: tuple[plan_study.Setting, ...] = plan_study.SETTINGS
+  planner_windows: int = 32    # calibration windows the planner's budget is checked on
 
 
 # Quick mode smoke-checks TP 2 and 8 (the full study adds 4): the main job has to fit
@@ -167,7 +168,8 @@ def study_tp(params, cfg: StudyConfig, n: int, windows, cloze_set, calib, calib_
   if n == cfg.planner_tp:
     _stage(progress, f"TP={n}: sync planner ({len(cfg.planner_settings)} settings)")
     out["planner"] = runs.get(f"tp{n}/planner", lambda: plan_study.run(
-        params, donors()["ZS+B2B+HG"], cfg.model, n, calib_windows, windows,
+        params, donors()["ZS+B2B+HG"], cfg.model, n, calib_windows[:cfg.planner_windows],
+        windows,
         cfg.planner_settings, progress=lambda m: _stage(progress, m)))
   return out
 
