@@ -106,11 +106,15 @@ def allreduce_time(n_bytes: float, n_devices: int, alpha: float, beta: float,
 
 def block_time(m: ModelShape, hw: Hardware, n_devices: int, tokens: int, context: int,
                batch: int) -> float:
-  """Compute/memory roofline of one block's local work (no communication)."""
-  flops = 2 * tokens * m.block_params  # matmuls
+  """Compute/memory roofline of one block's local work (no communication). With more
+  devices than KV heads, each KV head (its K/V projections and cache) is replicated on
+  N / K devices, so those bytes and FLOPs shrink only to 1/K per device, not 1/N."""
+  r = max(1, n_devices // m.n_kv_heads)  # copies of each KV head
+  kv_params = 2 * m.d_model * m.n_kv_heads * m.head_dim
+  flops = 2 * tokens * (m.block_params + (r - 1) * kv_params)  # matmuls, replicas included
   flops += 4 * tokens * context * m.d_model  # attention scores and mixing
-  weight_bytes = m.block_params * m.bytes_per_param
-  kv_bytes = 2 * batch * context * m.n_kv_heads * m.head_dim * m.bytes_per_param
+  weight_bytes = (m.block_params + (r - 1) * kv_params) * m.bytes_per_param
+  kv_bytes = 2 * batch * context * m.n_kv_heads * r * m.head_dim * m.bytes_per_param
   compute = flops / n_devices / (hw.peak_flops * hw.efficiency)
   memory = (weight_bytes + kv_bytes) / n_devices / (hw.mem_bw * hw.efficiency)
   return max(compute, memory)

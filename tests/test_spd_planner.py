@@ -94,6 +94,12 @@ def test_latency_model_prices_each_sync_by_hand():
     assert latency_model.plan_latency(m, hw, n, attn, keep, new_tokens=tokens) == pytest.approx(
         latency_model.forward_latency(m, hw, n, n_dropped=k, new_tokens=tokens)["total"])
   assert latency_model.map_actions(("a", "b"), 5) == ("a", "a", "a", "b", "b")
+  # TP=16 over 70B's 8 KV heads: each device holds 1/16 of the rest but 1/8 of the KV bytes.
+  hw_b = dict(context=1024, batch=1, tokens=1)
+  kv_cache = 2 * 1024 * 8 * 128 * 2
+  kv_w = 2 * 8192 * 8 * 128 * 2
+  want = (m.block_params * 2 + kv_w + kv_cache * 2) / 16 / (hw.mem_bw * hw.efficiency)
+  assert latency_model.block_time(m, hw, 16, **hw_b) == pytest.approx(want)
   with pytest.raises(ValueError, match="80 blocks"):
     latency_model.plan_latency(m, hw, n, keep[:16], keep[:16])
 
