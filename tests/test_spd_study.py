@@ -43,6 +43,10 @@ def test_budget_holds_only_where_every_smaller_fraction_passes():
   assert study.within_budget(scan, 0.01) == {"ppl": 0.0, "cloze": 0.25}
   assert study.within_budget([{"ppl": 3.0, "cloze": None}, {"ppl": 3.01, "cloze": None}],
                              0.01) == {"ppl": 1.0, "cloze": None}
+  # Cloze scored at every second fraction: judged on that grid (0, 50%, 100%).
+  sparse = [{"ppl": 3.0, "cloze": 0.5}, {"ppl": 3.0}, {"ppl": 3.0, "cloze": 0.498},
+            {"ppl": 3.0}, {"ppl": 3.0, "cloze": 0.40}]
+  assert study.within_budget(sparse, 0.01) == {"ppl": 1.0, "cloze": 0.5}
   assert study.largest_passing_prefix([True, True, False, True]) == 1
   assert study.largest_passing_prefix([False, True]) == -1
   with pytest.raises(ValueError, match="budget"):
