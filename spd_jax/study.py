@@ -349,8 +349,9 @@ def render_section(cfg: StudyConfig, metrics: dict, results: dict, ablation: dic
       f"{metrics['tokens_per_sec']:,.0f} train tokens/s. Cloze: {cfg.cloze_items} held-out "
       f"items, 4 same-length choices (chance 25%), standard error about {se:.1f} points; a 1% "
       f"relative budget is {0.5 * cfg.budget * 100:.1f} points at 50% accuracy"
-      + (", below the test's resolution -- the perplexity budget is the primary one."
-         if se > 50 * cfg.budget else "."),
+      + (", below one accuracy's standard error; the paired standard error of a change "
+         "(in brackets in the cloze table) is the sharper test, and perplexity the primary "
+         "budget." if se > 50 * cfg.budget else "."),
       "Sensitivity (relative perplexity change, %, per block, measured on calibration windows "
       "from the training books) and classes from the progressive analysis "
       f"(ISB < {100 * cfg.t_isb:g}% <= SB < {100 * cfg.t_esb:g}% <= ESB):",
