@@ -46,6 +46,12 @@ def check_codec(codec: str) -> None:
     raise ValueError(f"unknown compression codec {codec!r}; choose one of {CODECS}")
 
 
+def check_algorithm(algorithm: str) -> None:
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"unknown compressed all-reduce algorithm {algorithm!r}; choose one of "
+                     f"{ALGORITHMS}")
+
+
 def payload_bytes_per_element(codec: str, chunk: int) -> float:
   """Bytes on the wire per activation element (int8 adds a float32 scale per chunk)."""
   check_codec(codec)
@@ -100,9 +106,7 @@ def compressed_psum(x: jax.Array, codec: str, axis_name: str,
                     algorithm: str = "two_shot") -> jax.Array:
   """``psum(x, axis_name)`` over a ``codec``-encoded payload (inside shard_map)."""
   check_codec(codec)
-  if algorithm not in ALGORITHMS:
-    raise ValueError(f"unknown compressed all-reduce algorithm {algorithm!r}; choose one of "
-                     f"{ALGORITHMS}")
+  check_algorithm(algorithm)
   n = jax.lax.axis_size(axis_name)
   xc = _chunks(x.astype(jnp.float32), n)              # (..., N, D/N)
   ax = xc.ndim - 2

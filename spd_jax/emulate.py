@@ -17,21 +17,29 @@ from spd_jax import compress, sharding
 from spd_jax.tp import ACTION_CODES, RESIDUAL_MODES, SyncPlan
 
 
+def _device_partials(p: dict, x_BxLxD: jax.Array, cfg: lm.LMConfig, n_devices: int):
+  """One block split as the N devices hold it (KV heads replicated when N exceeds them):
+  each device's attention partial sum (N, B, L, D), a function giving each device's MLP
+  partial sum from its own input stream (N, B, L, D), and the row-parallel biases."""
+  p, cfg = sharding.replicate_kv_block(p, cfg, n_devices), sharding.tp_config(cfg, n_devices)
+  attn_d = sharding.split_for_devices(p["attn"], n_devices)
+  mlp_d = sharding.split_for_devices(p["mlp"], n_devices)
+  pos = jnp.asarray(0, jnp.int32)
+  h = layers.rms_norm(x_BxLxD, p["attn_norm"]["scale"], cfg.norm_eps)
+  o_NxBxLxD = jax.vmap(lambda a: lm.attention_partial(a, h, pos, cfg)[0])(attn_d)
+  mlp = lambda y_NxBxLxD: jax.vmap(lambda m, y: lm.mlp_partial(
+      m, layers.rms_norm(y, p["mlp_norm"]["scale"], cfg.norm_eps)))(mlp_d, y_NxBxLxD)
+  return o_NxBxLxD, mlp, p["attn"].get("bo", 0.0), p["mlp"].get("b_down", 0.0)
+
+
 def spd_block(p: dict, x_BxLxD: jax.Array, cfg: lm.LMConfig, n_devices: int,
               residual: str = "sum") -> jax.Array:
   """One SPD block (attention sync dropped) emulated for ``n_devices`` (no cache)."""
   if residual not in RESIDUAL_MODES:
     raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {residual!r}")
-  p, cfg = sharding.replicate_kv_block(p, cfg, n_devices), sharding.tp_config(cfg, n_devices)
-  attn_d = sharding.split_for_devices(p["attn"], n_devices)
-  mlp_d = sharding.split_for_devices(p["mlp"], n_devices)
-  bo, b_down = p["attn"].get("bo", 0.0), p["mlp"].get("b_down", 0.0)
-  pos = jnp.asarray(0, jnp.int32)
-  h = layers.rms_norm(x_BxLxD, p["attn_norm"]["scale"], cfg.norm_eps)
-  o_NxBxLxD = jax.vmap(lambda a: lm.attention_partial(a, h, pos, cfg)[0])(attn_d)
+  o_NxBxLxD, mlp, bo, b_down = _device_partials(p, x_BxLxD, cfg, n_devices)
   y_NxBxLxD = x_BxLxD + o_NxBxLxD + bo
-  z_NxBxLxD = jax.vmap(lambda m, y: lm.mlp_partial(
-      m, layers.rms_norm(y, p["mlp_norm"]["scale"], cfg.norm_eps)))(mlp_d, y_NxBxLxD)
+  z_NxBxLxD = mlp(y_NxBxLxD)
   if residual == "sum":
     return x_BxLxD + jnp.sum(o_NxBxLxD + z_NxBxLxD, 0) + bo + b_down
   return jnp.sum((x_BxLxD + o_NxBxLxD) / n_devices + z_NxBxLxD, 0) + bo + b_down
@@ -89,21 +97,13 @@ def plan_block(p: dict, x_BxLxD: jax.Array, cfg: lm.LMConfig, n_devices: int,
                attn_code: jax.Array, mlp_code: jax.Array) -> jax.Array:
   """One block under any per-block action pair (``tp.ACTION_CODES``, may be traced):
   attention sync kept, dropped or compressed; MLP sync kept or compressed."""
-  p, cfg = sharding.replicate_kv_block(p, cfg, n_devices), sharding.tp_config(cfg, n_devices)
-  attn_d = sharding.split_for_devices(p["attn"], n_devices)
-  mlp_d = sharding.split_for_devices(p["mlp"], n_devices)
-  bo, b_down = p["attn"].get("bo", 0.0), p["mlp"].get("b_down", 0.0)
-  pos = jnp.asarray(0, jnp.int32)
-  h = layers.rms_norm(x_BxLxD, p["attn_norm"]["scale"], cfg.norm_eps)
-  o_NxBxLxD = jax.vmap(lambda a: lm.attention_partial(a, h, pos, cfg)[0])(attn_d)
-  mlp = jax.vmap(lambda m, y: lm.mlp_partial(
-      m, layers.rms_norm(y, p["mlp_norm"]["scale"], cfg.norm_eps)))
+  o_NxBxLxD, mlp, bo, b_down = _device_partials(p, x_BxLxD, cfg, n_devices)
   dropped = attn_code == ACTION_CODES["drop"]
   # Kept: every device's MLP reads the synced stream; dropped: its own heads only.
   y_NxBxLxD = jnp.where(dropped, x_BxLxD + o_NxBxLxD + bo,
                         jnp.broadcast_to(x_BxLxD + _sync(o_NxBxLxD, attn_code) + bo,
                                          o_NxBxLxD.shape))
-  z_NxBxLxD = mlp(mlp_d, y_NxBxLxD)
+  z_NxBxLxD = mlp(y_NxBxLxD)
   out_dropped = x_BxLxD + _sync(o_NxBxLxD + z_NxBxLxD, mlp_code) + bo + b_down
   out_kept = y_NxBxLxD[0] + _sync(z_NxBxLxD, mlp_code) + b_down
   return jnp.where(dropped, out_dropped, out_kept)

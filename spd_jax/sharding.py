@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from core.models.lm import LMConfig
+from core.models.lm import LMConfig, block_key
 
 TP = "tp"  # the tensor-parallel mesh axis
 
@@ -79,7 +79,7 @@ def replicate_kv(params: Any, cfg: LMConfig, tp: int) -> Any:
   """Every block's params in ``tp_config``'s layout (a new pytree; others shared)."""
   out = dict(params)
   for i in range(cfg.n_layers):
-    key = f"block_{i}"
+    key = block_key(i)
     out[key] = replicate_kv_block(params[key], cfg, tp)
   return out
 

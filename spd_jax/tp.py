@@ -230,9 +230,7 @@ def make_forward(cfg: lm.LMConfig, mesh: Mesh, plan: SyncPlan | None = None, *,
   """
   plan = plan or SyncPlan.dense(cfg.n_layers)
   _check(cfg, mesh, plan, residual)
-  if compressed_algorithm not in compress.ALGORITHMS:
-    raise ValueError(f"unknown compressed all-reduce algorithm {compressed_algorithm!r}; "
-                     f"choose one of {compress.ALGORITHMS}")
+  compress.check_algorithm(compressed_algorithm)
   cfg = sharding.tp_config(cfg, mesh.shape[TP])  # KV heads replicated when TP > KV heads
   p_specs = sharding.param_specs(jax.eval_shape(lm.init, jax.random.key(0), cfg))
   body = functools.partial(_local_forward, cfg=cfg, plan=plan, residual=residual,
