@@ -195,7 +195,10 @@ def _cw_inner(logits_fn, x, y, c, steps: int, lr: float, confidence: float):
   def step(carry, _):
     w, s, best_x, best_d = carry
     (_, (xa, d2, m)), g = jax.value_and_grad(objective, has_aux=True)(w)
-    ok = (m < 0) & (d2 < best_d)
+    # Success at confidence kappa: some other logit beats z_y by more than kappa
+    # (Carlini & Wagner's compare(), foolbox's is_adversarial with the label's
+    # logit raised by kappa); with m < 0 a high-confidence run kept kappa = 0's answer.
+    ok = (m < -confidence) & (d2 < best_d)
     best_x = jnp.where(_bcast(ok, x), xa, best_x)
     best_d = jnp.where(ok, d2, best_d)
     u, s = opt.update(g, s, w)
@@ -209,11 +212,13 @@ def _cw_inner(logits_fn, x, y, c, steps: int, lr: float, confidence: float):
 def cw_l2(logits_fn: LogitsFn, x, y, c_init: float = 1.0, binary_steps: int = 6,
           steps: int = 200, lr: float = 0.01, confidence: float = 0.0) -> AttackResult:
   """Carlini-Wagner L2 (untargeted): per example, a binary search over c
-  (x10 while it fails, bisection once it succeeds); the smallest successful
-  perturbation found is kept (the image itself where none succeeded)."""
+  (x10 while it fails, bisection once it succeeds); the smallest perturbation
+  found whose margin z_y - max_{j != y} z_j is below ``-confidence`` (kappa)
+  is kept (the image itself where none was)."""
   x, y = _check(x, y)
-  if c_init <= 0 or binary_steps < 1 or steps < 1:
-    raise ValueError("cw_l2 needs c_init > 0, binary_steps >= 1 and steps >= 1")
+  if c_init <= 0 or binary_steps < 1 or steps < 1 or not confidence >= 0:
+    raise ValueError("cw_l2 needs c_init > 0, binary_steps >= 1, steps >= 1 and confidence "
+                     ">= 0")
   b = x.shape[0]
   lo, hi = np.zeros(b), np.full(b, np.inf)
   c = np.full(b, c_init)

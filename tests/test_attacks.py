@@ -206,3 +206,31 @@ def test_pgd_agrees_with_foolbox():
   theirs = np.abs(np.asarray(adv) - x).reshape(len(x), -1).max(1)
   both = ours.success & ok
   assert np.median(ours.linf[both]) == pytest.approx(np.median(theirs[both]), rel=0.02)
+
+
+def _margins(f, x, y):
+  z = np.array(f(jnp.asarray(x)))
+  zy = z[np.arange(len(y)), y]
+  z[np.arange(len(y)), y] = -np.inf
+  return zy - z.max(1)
+
+
+def test_cw_keeps_only_perturbations_with_the_asked_confidence_and_agrees_with_foolbox():
+  # kappa = 20: every kept adversarial must beat the label's logit by 20 (the
+  # margin it was asked for), not merely cross the boundary; foolbox's CW at
+  # the same confidence and schedule finds perturbations of the same size.
+  fb, f, x, y, _, xj, yj = _foolbox_setup()
+  big = jax.jit(lambda a: 25 * f(a))       # logits large enough for margins of 20
+  kw = dict(binary_steps=4, steps=100, c_init=1.0)
+  r0 = attacks.cw_l2(big, x[:32], y[:32], confidence=0.0, **kw)
+  r20 = attacks.cw_l2(big, x[:32], y[:32], confidence=20.0, **kw)
+  assert r20.success.mean() > 0.8
+  assert (_margins(big, r20.x_adv, y[:32])[r20.success] <= -20 + 1e-3).all()
+  both = r0.success & r20.success
+  assert np.median(r20.l2[both]) > 1.3 * np.median(r0.l2[both])   # confidence costs distance
+  m = fb.JAXModel(big, bounds=(0, 1))
+  _agree(fb.attacks.L2CarliniWagnerAttack(binary_search_steps=4, steps=100, stepsize=0.01,
+                                          initial_const=1.0, confidence=20.0, abort_early=False),
+         m, xj[:32], yj[:32], r20, 0.1)
+  with pytest.raises(ValueError, match="confidence"):
+    attacks.cw_l2(big, x[:2], y[:2], confidence=-1.0)
