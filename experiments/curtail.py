@@ -1,8 +1,10 @@
 """CuRTAIL: victims and their vulnerability profile, the Modular Robust
-Redundancy defender and its peers on the same attacks, the adaptive attacker,
-the defender spread over devices and processes, attack speed against foolbox.
+Redundancy defender and its peers (Mahalanobis, MagNet, Feature Squeezing,
+LID) on the same attacks and strength sweeps, the adaptive attacker against
+epsilon with the Tramer check, randomised redundancy, the defender spread
+over devices and processes, attack speed against foolbox.
 
-  python -m experiments.curtail                    # quick mode (~1.5 minutes, mnist5k MLP)
+  python -m experiments.curtail                    # quick mode (~2 minutes, mnist5k MLP)
   python -m experiments.curtail --full             # full mode (four victims)
   python -m experiments.curtail --full --victims=mnist5k/mlp --attacks=fgsm,deepfool
 
@@ -39,6 +41,7 @@ def main(argv):
                            f"{sorted(plan.steps)} and a model in {sorted(CLASSIFIERS)}")
     over["victims"] = pairs
     over["adaptive_on"] = tuple(p for p in plan.adaptive_on if p in pairs)
+    over["pool_on"] = tuple(p for p in plan.pool_on if p in pairs)
   if _ATTACKS.value:
     unknown = set(_ATTACKS.value) - set(plan.attacks)
     if unknown:

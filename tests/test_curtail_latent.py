@@ -9,9 +9,11 @@ import pytest
 from scipy import stats
 
 from core.models import mlp
+from secure.classifier import from_core
 from secure.curtail import latent
 
 CFG = mlp.MLPConfig(input_shape=(4, 4, 1), hidden=(12, 8), num_classes=3)
+CLF = from_core("mlp", CFG)
 
 
 def _setup(steps=0):
@@ -20,7 +22,7 @@ def _setup(steps=0):
   y = rng.integers(0, 3, 300)
   x = np.clip(centres[y] + 0.05 * rng.standard_normal((300, 4, 4, 1)), 0, 1).astype(np.float32)
   params = mlp.init(jax.random.key(0), CFG)
-  d = latent.fit("mlp", CFG, params, x, y, latent.LatentConfig(steps=steps, security=0.05))
+  d = latent.fit(CLF, params, x, y, latent.LatentConfig(steps=steps, security=0.05))
   return d, x, y, centres
 
 
@@ -48,9 +50,9 @@ def test_log_density_matches_scipy_up_to_a_constant():
 def test_bad_inputs_raise_clear_errors():
   params = mlp.init(jax.random.key(0), CFG)
   x = np.zeros((6, 4, 4, 1), np.float32)
-  with pytest.raises(ValueError, match="layer 5 is past the model"):
-    latent.fit("mlp", CFG, params, x, np.arange(6) % 3, latent.LatentConfig(layer=5))
+  with pytest.raises(ValueError, match="no hidden layer 5"):
+    latent.fit(CLF, params, x, np.arange(6) % 3, latent.LatentConfig(layer=5))
   with pytest.raises(ValueError, match=r"classes \[2\] have no training images"):
-    latent.fit("mlp", CFG, params, x, np.arange(6) % 2, latent.LatentConfig(steps=0))
+    latent.fit(CLF, params, x, np.arange(6) % 2, latent.LatentConfig(steps=0))
   with pytest.raises(ValueError, match="0 < security < 1"):
     latent.LatentConfig(security=1.5)

@@ -1,9 +1,9 @@
 """The MRR defender as one JAX function: OMP denoising with the predicted
-class's dictionary equals scikit-learn's OMP patch by patch; the fused scores
-equal the module objects' own; the batch sharded over 1, 2 and 4 devices and
-over two real processes equals the modules run one after another; the OR's
-operating point is set on validation data; the adaptive attacker's output is
-checked against an independent recomputation."""
+class's dictionary and the label-free residual module equal scikit-learn's
+OMP patch by patch (with NumPy reassembly); the fused scores equal the module
+objects' own; the batch sharded over 1, 2 and 4 devices and over two real
+processes equals the modules run one after another; repeated modules (a
+randomised pool) get distinct names."""
 
 import dataclasses
 
@@ -17,11 +17,16 @@ from sklearn.linear_model import orthogonal_mp
 from core import multiprocess
 from core.models import mlp
 from secure import sparse
+from secure.classifier import from_core
 from secure.cleann import analyzers
-from secure.curtail import adaptive, defences, input_defender, latent, modules, parallel
+from secure.curtail import input_defender, latent, modules, parallel, residual
 
 CFG = mlp.MLPConfig(input_shape=(8, 8, 1), hidden=(16, 12), num_classes=3)
+CLF = from_core("mlp", CFG)
 PATCH = analyzers.PatchConfig(size=4, stride=2)
+RES = residual.ResidualConfig(patch=analyzers.PatchConfig(size=4, stride=2),
+                              dictionary=sparse.DictConfig(n_atoms=10, n_nonzero=2, iters=3),
+                              images=200)
 
 
 def _setup():
@@ -30,13 +35,14 @@ def _setup():
   y = rng.integers(0, 3, 240)
   x = np.clip(centres[y] + 0.1 * rng.standard_normal((240, 8, 8, 1)), 0, 1).astype(np.float32)
   params = mlp.init(jax.random.key(0), CFG)
-  lats = [latent.fit("mlp", CFG, params, x, y, latent.LatentConfig(layer=l, steps=20))
-          for l in (0, 1)]
+  lats = [latent.fit(CLF, params, x, y, latent.LatentConfig(layer=l, steps=20))
+          for l in (-2, -1)]
   inp = input_defender.fit(x, y, 3, input_defender.InputDefenderConfig(
       patch=PATCH, dictionary=sparse.DictConfig(n_atoms=12, n_nonzero=3, iters=3),
       images_per_class=40))
-  spec = modules.spec_of("mlp", CFG, lats, inp)
-  return spec, modules.arrays(params, lats, inp), lats, inp, params, x, y
+  res = residual.fit(x, RES)
+  spec = modules.spec_of(CLF, lats, [inp], RES, 1)
+  return spec, modules.arrays(params, lats, [inp], [res]), lats, inp, params, x, y
 
 
 SETUP = None
@@ -76,6 +82,26 @@ def test_denoise_is_sklearn_omp_in_the_labels_dictionary():
     np.testing.assert_allclose(ours[i, ..., 0], ref, atol=2e-4)
 
 
+def test_residual_module_is_sklearn_omp_with_numpy_reassembly():
+  rng = np.random.default_rng(4)
+  d = rng.standard_normal((10, 16)).astype(np.float32)
+  d /= np.linalg.norm(d, axis=1, keepdims=True)
+  scale = (0.05 + rng.random((8, 8, 1))).astype(np.float32)
+  x = rng.random((4, 8, 8, 1)).astype(np.float32)
+  cfg = residual.ResidualConfig(patch=PATCH, dictionary=sparse.DictConfig(n_atoms=10,
+                                                                          n_nonzero=3))
+  spec = modules.Spec(CLF, (), PATCH, 3, 0, cfg, 1)
+  ours = np.asarray(modules.residual_scores(spec, {"dict": jnp.asarray(d),
+                                                    "scale": jnp.asarray(scale)}, jnp.asarray(x)))
+  p = np.asarray(analyzers.patches(x, PATCH))
+  for i in range(len(x)):
+    codes = orthogonal_mp(d.T.astype(np.float64), p[i].T.astype(np.float64),
+                          n_nonzero_coefs=3).T
+    r = x[i, ..., 0] - np.clip(_assemble_numpy(codes @ d, 8, 8, 4, 2), 0, 1)
+    assert ours[i] == pytest.approx([np.mean(np.abs(r) / scale[..., 0]), np.mean(r ** 2)],
+                                    rel=1e-3)
+
+
 def test_fused_scores_equal_the_module_objects():
   spec, arr, lats, inp, params, x, _ = setup()
   xs = x[:30]
@@ -87,7 +113,12 @@ def test_fused_scores_equal_the_module_objects():
   for i in range(3):
     np.testing.assert_allclose(ours[:, i], ref[:, i], rtol=2e-3,
                                atol=2e-3 * np.abs(ref[:, i]).max())
-  assert spec.names == ("latent0", "latent1", "input")
+  res = arr["residual"][0]
+  np.testing.assert_allclose(ours[:, 3:], np.asarray(residual.scores(
+      res, jnp.asarray(xs), RES.patch, RES.dictionary.n_nonzero)), rtol=1e-5)
+  assert spec.names == ("latent-2", "latent-1", "input", "residual", "energy")
+  assert modules.Spec(CLF, (-1, -1), PATCH, 3, 2).names == ("latent-1", "latent-1.1", "input",
+                                                          "input.1")
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -113,38 +144,3 @@ def test_two_processes_equal_the_modules_in_turn_and_are_pinned():
     np.testing.assert_allclose(o["sharded_2"]["scores"], ref, rtol=1e-5, atol=1e-4)
   with pytest.raises(ValueError, match="cpus must give each"):
     multiprocess.launch("tests.mp_workers:affinity", 2, cpus=[{0}])
-
-
-def test_or_operating_point_is_set_on_validation():
-  rng = np.random.default_rng(2)
-  val = rng.standard_normal((4000, 3))
-  thr = defences.thresholds_at(val, 0.05)
-  assert np.mean(np.any(val > thr, axis=1)) == pytest.approx(0.05, abs=0.003)
-  # each module alone flags less than the OR: the per-module security is below 5%
-  assert (np.mean(val > thr, axis=0) < 0.05).all()
-  assert defences.thresholds_at(val[:, :1], 0.05) == pytest.approx(np.quantile(val[:, 0], 0.95),
-                                                                    abs=0.01)
-  with pytest.raises(ValueError, match="target FPR"):
-    defences.thresholds_at(val, 1.5)
-
-
-def test_adaptive_attacker_output_is_what_it_claims():
-  spec, arr, lats, inp, params, x, y = setup()
-  logits = jax.jit(lambda a: mlp.apply(params, a, CFG))
-  keep = np.asarray(logits(x).argmax(-1)) == y
-  xs, ys = x[keep][:20], y[keep][:20]
-  d = defences.Defence("curtail", spec.names, defences._curtail_fn(spec), arr, has_bpda=True,
-                       spec=spec)
-  val = d.scores(x[100:])
-  thr = defences.thresholds_at(val, 0.05)
-  eps = 0.2
-  xa, evaded = adaptive.attack(d, logits, thr, val.std(0), xs, ys,
-                               adaptive.AdaptiveConfig(eps=eps, steps=30, step_size=0.02,
-                                                       penalties=(1.0,)))
-  assert np.abs(xa - xs).max() <= eps + 1e-5 and xa.min() >= 0 and xa.max() <= 1
-  # recomputed independently: evaded examples fool the victim and pass every module
-  fooled = np.asarray(logits(xa).argmax(-1)) != ys
-  passed = np.all(d.scores(xa) <= thr + 1e-3 * np.abs(thr), axis=1)
-  assert (fooled & passed)[evaded].all()
-  with pytest.raises(ValueError, match="AdaptiveConfig"):
-    adaptive.AdaptiveConfig(eps=-1)

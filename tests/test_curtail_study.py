@@ -1,7 +1,9 @@
 """The CuRTAIL study end to end on a tiny digits MLP: records are complete and
-consistent with an independent recomputation, the rendered Markdown shows
-the recorded values, a second run resumes from the cache without
-retraining, and the binary refuses unknown attacks and victims."""
+consistent with an independent recomputation (residual success against TPR,
+the sweep's success against epsilon, the Tramer check against its inputs),
+the rule is chosen on validation images, the rendered Markdown shows the
+recorded values, a second run resumes from the cache without retraining, and
+the binary refuses unknown attacks and victims."""
 
 import dataclasses
 import re
@@ -11,22 +13,29 @@ import pytest
 
 from secure import sparse
 from secure.cleann import analyzers
-from secure.curtail import adaptive, defences, input_defender, latent, section, study
+from secure.curtail import (adaptive, defences, input_defender, latent, pool, residual, section,
+                            study, tramer)
 
 PLAN = study.Plan(
     victims=(("digits", "mlp"),), steps={"digits": 300}, n_attack=40, n_jsma=10, n_clean=200,
-    eps_linf=(0.05, 0.2), eps_l2=(1.0,), n_profile=30,
     attacks={"fgsm": ("fgsm", {"eps": 0.2}), "deepfool": ("deepfool", {"steps": 20}),
              "jsma": ("jsma", {"gamma": 0.2})},
+    sweep=study.Sweep(eps_linf=(0.05, 0.2), eps_l2=(1.0,), kappas=(0.0, 5.0), pgd_steps=10,
+                      cw=(("binary_steps", 2), ("steps", 20))),
     defences=defences.CurtailConfig(
         latent=latent.LatentConfig(steps=50),
         input=input_defender.InputDefenderConfig(
             patch=analyzers.PatchConfig(size=4, stride=4), images_per_class=30,
             dictionary=sparse.DictConfig(n_atoms=16, n_nonzero=3, iters=2)),
+        residual=residual.ResidualConfig(dictionary=sparse.DictConfig(n_atoms=16, n_nonzero=3,
+                                                                      iters=2), images=300),
     ),
-    adaptive=adaptive.AdaptiveConfig(eps=0.2, steps=10, step_size=0.03, penalties=(1.0,),
+    adaptive=adaptive.AdaptiveConfig(steps=10, restarts=1, penalties=(1.0,),
                                      gradients=("exact",)),
-    adaptive_on=(("digits", "mlp"),), n_adaptive=20, throughput_images=0, bench_attacks=(),
+    adaptive_eps={"mlp": (0.1, 0.2)}, adaptive_on=(("digits", "mlp"),), n_adaptive=20,
+    pool=pool.PoolConfig(latent_seeds=1, latent_per_draw=1, input_seeds=1, residual_seeds=2),
+    pool_on=(("digits", "mlp"),), pool_eps=(0.2,), pool_known_draws=1,
+    throughput_images=0, bench_attacks=(), seed=0,   # seed 0: the rule's development victim
     defence_names=("curtail", "feature_squeezing"))   # the trained peers cost the most time
 
 
@@ -41,30 +50,49 @@ def test_records_are_complete_and_consistent(result):
   _, res = result
   (r,) = res["runs"]
   assert set(r["attacks"]) == {"fgsm", "deepfool", "jsma"}
-  for lbl, a in r["attacks"].items():
+  assert res["rule"] == res["rule_choice"]["rule"] in ("or", "fisher")
+  assert set(res["rule_choice"]["mean_tpr"]) == {"or", "fisher"}
+  for lbl, a in section.settings(r):
     assert set(a["defences"]) == set(PLAN.defence_names)
     for d in a["defences"].values():
-      # residual = attacked images that fool the victim and pass: at most the success rate
-      assert d["residual"] <= a["success"] + 1e-9
-      if "tpr" in d:   # and, recomputed from the TPR over successful examples
-        assert d["residual"] == pytest.approx(a["success"] * (1 - d["tpr"] / 100), abs=1e-6)
-        assert 0 <= d["auc"] <= 1
+      for rule in ("or", "fisher"):
+        x = d[rule]
+        # residual = attacked images that fool the victim and pass: at most the success rate
+        assert x["residual"] <= a["success"] + 1e-9
+        if "tpr" in x:   # and, recomputed from the TPR over successful examples
+          assert x["residual"] == pytest.approx(a["success"] * (1 - x["tpr"] / 100), abs=1e-6)
+          assert 0 <= x["auc"] <= 1
   assert r["attacks"]["deepfool"]["success"] > 90      # DeepFool always crosses a boundary
-  assert {"fgsm"} <= set(r["profile"]["eps_sweep"]) and r["adaptive"]
-  sweep = [p["success"] for p in r["profile"]["eps_sweep"]["fgsm"]]
+  sweep = [p["success"] for p in r["sweep"]["pgd_linf"]]
   assert sweep == sorted(sweep)                          # stronger epsilon, no fewer successes
+  assert [p["strength"] for p in r["sweep"]["cw_kappa"]] == [0.0, 5.0]
+  # the adaptive attacker: at every epsilon, every defence, a Tramer check from its numbers
+  assert set(r["adaptive"]) == {"0.1", "0.2"}
+  for eps, per in r["adaptive"].items():
+    for a in per.values():
+      t = a["tramer"]
+      assert t["eps_half"] == float(eps) / 2 and 0 <= t["implied"] <= r["accuracy"]
+      assert a["residual"] <= 100 * a["n_success"] / a["n_attacked"] + 1e-9
+  p = r["pool"]
+  assert p["n_draws"] == 4 and 0 <= p["0.2"]["known"] <= 100 and 0 <= p["0.2"]["unknown_eot"] \
+      <= 100
 
 
 def test_rendered_report_shows_the_records(result):
   out, res = result
   md = section.render(res, out).body
   (r,) = res["runs"]
-  d = r["attacks"]["fgsm"]["defences"]["curtail"]
+  rule = res["rule"]
+  d = r["attacks"]["fgsm"]["defences"]["curtail"][rule]
   row = next(l for l in md.splitlines() if l.startswith("| fgsm |") and " / " in l)
-  assert row.split("|")[2].strip().startswith(f"{d['auc']:.3f} / {d['tpr']:.1f} ±")
+  assert row.split("|")[2].strip() == f"{d['auc']:.3f} / {d['tpr']:.1f}"
   means = next(l for l in md.splitlines() if l.startswith("| digits/mlp |"))
   assert [float(v) for v in means.split("|")[2:4]] == pytest.approx(
-      [section.mean_auc(r, n) for n in PLAN.defence_names], abs=5e-4)
+      [section.mean_auc(r, n, rule) for n in PLAN.defence_names], abs=5e-4)
+  a = r["adaptive"]["0.2"]["curtail"]
+  row = next(l for l in md.splitlines() if l.startswith("| 0.2 | CuRTAIL"))
+  assert f"{a['tramer']['implied']:.1f} ± {a['tramer']['se']:.1f}" in row
+  assert f"Combination rule: **{rule}**" in md
   assert re.search(r"Defender throughput: not in this plan", md)
 
 

@@ -89,9 +89,17 @@ def _check_curtail_tour(out: str) -> None:
   assert _floats(r"true label back on (\d+)%", out)[0] > 80
   diff = _floats(r"max \|sharded - in turn\| = ([\d.e+-]+)", out)[0]
   assert diff < 1e-5 * _floats(r"scores up to (\d+)", out)[0]   # float32 reassociation only
-  # knowing the defence, the attacker does at least as well as FGSM not knowing it
+  sweep = re.findall(r"PGD eps ([\d.]+): success (\d+)%, curtail residual ([\d.]+)%.*"
+                     r"CuRTAIL module AUCs (.*)\n", out)
+  assert [float(e) for e, *_ in sweep] == [0.05, 0.1, 0.2, 0.3]
+  for eps, succ, cur, mods in sweep:
+    auc = {m: float(a) for m, a in re.findall(r"([\w-]+) ([\d.]+)", mods)}
+    assert float(cur) <= 10 and auc["residual"] > 0.95   # the label-free module sees every one
+  # the overshoot at 0.3 looks *more* typical to the class-conditional input module
+  assert float(sweep[-1][1]) > 95 and auc["input"] < 0.5
+  # knowing the defence, the attacker does at least as well as PGD not knowing it
   adaptive = _floats(r"residual attack success (\d+)% against CuRTAIL", out)[0]
-  assert rows[("fgsm", "curtail")][2] - 5 <= adaptive <= 100
+  assert float(sweep[1][2]) - 5 <= adaptive <= 100
 
 
 def _check_codex_tour(out: str) -> None:

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from core.models import CLASSIFIERS, layers
+from core.models import layers
+from secure.classifier import Classifier
 
 
 @dataclasses.dataclass(frozen=True)
 class LatentConfig:
-  layer: int = -1           # hidden layer of the victim (see core.models.*.features)
+  layer: Any = -1           # hidden layer of the victim (one of its Classifier's layers)
   gamma: float = 0.01       # centre-loss weight
   steps: int = 300
   batch: int = 64
@@ -43,9 +44,8 @@ class LatentConfig:
 @dataclasses.dataclass(frozen=True)
 class LatentDefender:
   params: Any                   # fine-tuned copy of the victim's parameters
-  model: str
-  model_config: Any
-  layer: int
+  classifier: Classifier
+  layer: Any
   mean: np.ndarray              # PCA centre (F,)
   components: np.ndarray        # (F, R) orthonormal columns
   class_means: np.ndarray       # (C, R)
@@ -55,7 +55,7 @@ class LatentDefender:
   train_logdens: np.ndarray     # training log-densities (for a security sweep)
 
   def features(self, x) -> np.ndarray:
-    f = _features(self.model, self.model_config, self.layer)(self.params, jnp.asarray(x))
+    f = _features(self.classifier, self.layer)(self.params, jnp.asarray(x))
     return np.asarray(f)
 
   def log_density(self, x, labels) -> np.ndarray:
@@ -78,13 +78,13 @@ class LatentDefender:
     return self.log_density(x, labels) < self.threshold
 
 
-@functools.lru_cache(maxsize=None)
-def _features(model: str, mcfg, layer: int) -> Callable:
-  return jax.jit(functools.partial(CLASSIFIERS[model].features, cfg=mcfg, layer=layer))
+@functools.lru_cache(maxsize=64)
+def _features(clf: Classifier, layer) -> Callable:
+  return jax.jit(lambda p, x: clf.features(p, x, layer))
 
 
-def _finetune(model: str, mcfg, params, x, y, cfg: LatentConfig, n_classes: int):
-  feats = _features(model, mcfg, cfg.layer)
+def _finetune(clf: Classifier, params, x, y, cfg: LatentConfig, n_classes: int):
+  feats = _features(clf, cfg.layer)
   f_dim = int(feats(params, jnp.asarray(x[:1])).shape[-1])
   key = jax.random.key(cfg.seed)
   state = {"net": params,
@@ -113,22 +113,23 @@ def _finetune(model: str, mcfg, params, x, y, cfg: LatentConfig, n_classes: int)
   return state["net"]
 
 
-def fit(model: str, model_config, params, x_train, y_train, cfg: LatentConfig = LatentConfig()
+def fit(clf: Classifier, params, x_train, y_train, cfg: LatentConfig = LatentConfig()
         ) -> LatentDefender:
-  """Fine-tunes, reduces and models the training features (clean, labelled
-  training images only)."""
+  """Fine-tunes, reduces and models the training features at ``cfg.layer``
+  (one of ``clf.layers``; clean, labelled training images only)."""
   x = np.asarray(x_train, np.float32)
   y = np.asarray(y_train)
   if len(x) == 0:
     raise ValueError("the latent defender needs training images")
-  n_classes = model_config.num_classes
+  n_classes = clf.num_classes
+  clf.check_layer(cfg.layer)
   missing = sorted(set(range(n_classes)) - set(np.unique(y).tolist()))
   if missing:
     raise ValueError(f"classes {missing} have no training images; every class needs a Gaussian")
   # Resolve the layer index (and check it) before any training.
-  _features(model, model_config, cfg.layer)(params, jnp.asarray(x[:1]))
-  net = _finetune(model, model_config, params, x, y, cfg, n_classes) if cfg.steps else params
-  f = np.concatenate([np.asarray(_features(model, model_config, cfg.layer)(net, jnp.asarray(
+  _features(clf, cfg.layer)(params, jnp.asarray(x[:1]))
+  net = _finetune(clf, params, x, y, cfg, n_classes) if cfg.steps else params
+  f = np.concatenate([np.asarray(_features(clf, cfg.layer)(net, jnp.asarray(
       x[i:i + 1000]))) for i in range(0, len(x), 1000)]).astype(np.float64)
   mean = f.mean(0)
   _, s, vt = np.linalg.svd(f - mean, full_matrices=False)
@@ -144,7 +145,7 @@ def fit(model: str, model_config, params, x_train, y_train, cfg: LatentConfig = 
     cov += cfg.ridge * np.trace(cov) / r * np.eye(r) + 1e-9 * np.eye(r)
     prec.append(np.linalg.inv(cov))
     logdet.append(np.linalg.slogdet(cov)[1])
-  d = LatentDefender(net, model, model_config, cfg.layer, mean, comps, means, np.stack(prec),
+  d = LatentDefender(net, clf, cfg.layer, mean, comps, means, np.stack(prec),
                      np.asarray(logdet), 0.0, np.zeros(0))
   ld = d.log_density(x, y)
   return dataclasses.replace(d, threshold=float(np.quantile(ld, cfg.security)),

@@ -1,0 +1,116 @@
+"""Combining detector modules into one decision, with each module's scores
+first turned into calibrated p-values on clean validation images.
+
+A module's p-value is the share of clean validation scores at or above its
+score: piecewise linear in log p between the validation order statistics,
+and past the largest one an exponential tail fitted to the top scores
+(peaks-over-threshold with shape 0: the mean excess of the top ``tail``
+scores), so a score far beyond everything clean gets a p-value far below
+1/n instead of stopping there. Continuous and monotone, so it is traced and
+differentiated like the modules themselves (the adaptive attacker).
+
+Rules on q_m = -log p_m (higher = more suspicious):
+
+* ``or``: max_m q_m, i.e. flag when any module's p-value is below one common
+  level: the per-module thresholds of Modular Robust Redundancy's OR.
+* ``fisher``: 2 sum_m q_m (Fisher's method): moderate evidence from several
+  modules adds up, and one module's extreme p-value is not capped by a
+  per-module share of the FPR budget.
+
+The threshold on the combined statistic is its (1 - fpr) quantile on the same
+validation images, so the validation FPR holds by construction; held-out
+clean images check it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from secure import detection
+
+RULES = ("or", "fisher")
+
+
+@dataclasses.dataclass(frozen=True)
+class Combiner:
+  sorted_val: np.ndarray     # (M, n) each module's clean validation scores, ascending
+  log_p: np.ndarray          # (M, n) log p at each order statistic
+  tail_scale: np.ndarray     # (M,) exponential tail's scale past the largest score
+  rule: str
+  threshold: float           # on the combined statistic, at ``fpr`` on validation
+  fpr: float
+
+  @property
+  def n_modules(self) -> int:
+    return self.sorted_val.shape[0]
+
+  def neg_log_p(self, s_NxM) -> jax.Array:
+    """(N, M) -log p of each module's score (traceable)."""
+    s = jnp.asarray(s_NxM, jnp.float32)
+    v = jnp.asarray(self.sorted_val, jnp.float32)
+    lp = jnp.asarray(self.log_p, jnp.float32)
+    body = jax.vmap(jnp.interp, in_axes=(1, 0, 0), out_axes=1)(s, v, lp)
+    tail = lp[:, -1] - (s - v[:, -1]) / jnp.asarray(self.tail_scale, jnp.float32)
+    return -jnp.where(s > v[:, -1], tail, body)
+
+  def statistic(self, s_NxM) -> jax.Array:
+    """(N,) combined statistic (traceable); flagged above ``threshold``."""
+    return _combine(self.rule, self.neg_log_p(s_NxM))
+
+  def flags(self, s_NxM) -> np.ndarray:
+    return np.asarray(self.statistic(s_NxM)) > self.threshold
+
+  def penalty(self, s_NxM, margin: float = 0.0) -> jax.Array:
+    """(N,) how far each input is from passing, in -log p units (0 where it
+    passes with ``margin`` to spare): for ``or`` a hinge per module, so every
+    module that fires is pushed down at once; for ``fisher`` one hinge."""
+    q = self.neg_log_p(s_NxM)
+    if self.rule == "or":
+      return jnp.sum(jax.nn.relu(q - self.threshold + margin), axis=-1)
+    return jax.nn.relu(_combine(self.rule, q) - self.threshold + margin)
+
+
+def _combine(rule: str, q_NxM):
+  if rule == "or":
+    return jnp.max(q_NxM, axis=-1)
+  if rule == "fisher":
+    return 2 * jnp.sum(q_NxM, axis=-1)
+  raise ValueError(f"unknown rule {rule!r}; have {RULES}")
+
+
+def fit(val_NxM, rule: str = "or", fpr: float = 0.05, tail: int | None = None) -> Combiner:
+  """Calibrates each module on the clean validation scores ``val_NxM`` and
+  sets the combined threshold at ``fpr`` of them."""
+  val = np.asarray(val_NxM, np.float64)
+  if val.ndim != 2 or val.shape[0] < 10 or val.shape[1] < 1:
+    raise ValueError(f"need (N >= 10, M >= 1) validation scores, got shape {val.shape}")
+  if not np.isfinite(val).all():
+    raise ValueError("validation scores contain NaN or inf")
+  if rule not in RULES:
+    raise ValueError(f"unknown rule {rule!r}; have {RULES}")
+  if not 0 < fpr < 1:
+    raise ValueError(f"fpr must lie in (0, 1), got {fpr}")
+  n = len(val)
+  v = np.sort(val, axis=0).T                                    # (M, n)
+  # p at the i-th smallest of n scores: the share of scores >= it, (n - i) / (n + 1)
+  # (i from 0; tied scores take their first i), so the largest gets 1 / (n + 1)
+  # and no score gets p = 1 or 0.
+  first = np.stack([np.searchsorted(vm, vm, side="left") for vm in v])
+  log_p = np.log((n - first) / (n + 1))
+  k = tail or max(10, n // 20)
+  excess = v[:, n - k:] - v[:, n - k - 1:n - k]
+  scale = np.maximum(excess.mean(1), 1e-6 * np.maximum(np.abs(v).max(1), 1e-12))
+  c = Combiner(v.astype(np.float32), log_p.astype(np.float32), scale.astype(np.float32), rule,
+               0.0, fpr)
+  t = np.asarray(c.statistic(val))
+  return dataclasses.replace(c, threshold=detection.threshold_for_fpr(t, fpr))
+
+
+def auc(c: Combiner, clean_NxM, attacked_NxM) -> float:
+  """ROC AUC of the combined statistic (clean vs attacked)."""
+  return detection.roc(np.asarray(c.statistic(clean_NxM)),
+                       np.asarray(c.statistic(attacked_NxM)))["auc"]
