@@ -5,7 +5,6 @@ objects' own; the batch sharded over 1, 2 and 4 devices and over two real
 processes equals the modules run one after another; repeated modules (a
 randomised pool) get distinct names."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

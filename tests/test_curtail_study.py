@@ -5,16 +5,12 @@ the rule is chosen on validation images, the rendered Markdown shows the
 recorded values, a second run resumes from the cache without retraining, and
 the binary refuses unknown attacks and victims."""
 
-import dataclasses
 import re
 
-import numpy as np
 import pytest
 
-from secure import sparse
-from secure.cleann import analyzers
-from secure.curtail import (adaptive, defences, input_defender, latent, pool, residual, section,
-                            study, tramer)
+from secure.curtail import adaptive, pool, section, study
+from tests import curtail_tiny
 
 PLAN = study.Plan(
     victims=(("digits", "mlp"),), steps={"digits": 300}, n_attack=40, n_jsma=10, n_clean=200,
@@ -22,14 +18,7 @@ PLAN = study.Plan(
              "jsma": ("jsma", {"gamma": 0.2})},
     sweep=study.Sweep(eps_linf=(0.05, 0.2), eps_l2=(1.0,), kappas=(0.0, 5.0), pgd_steps=10,
                       cw=(("binary_steps", 2), ("steps", 20))),
-    defences=defences.CurtailConfig(
-        latent=latent.LatentConfig(steps=50),
-        input=input_defender.InputDefenderConfig(
-            patch=analyzers.PatchConfig(size=4, stride=4), images_per_class=30,
-            dictionary=sparse.DictConfig(n_atoms=16, n_nonzero=3, iters=2)),
-        residual=residual.ResidualConfig(dictionary=sparse.DictConfig(n_atoms=16, n_nonzero=3,
-                                                                      iters=2), images=300),
-    ),
+    defences=curtail_tiny.CONFIG,
     adaptive=adaptive.AdaptiveConfig(steps=10, restarts=1, penalties=(1.0,),
                                      gradients=("exact",)),
     adaptive_eps={"mlp": (0.1, 0.2)}, adaptive_on=(("digits", "mlp"),), n_adaptive=20,

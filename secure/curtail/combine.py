@@ -25,6 +25,7 @@ clean images check it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,13 @@ from secure import detection
 RULES = ("or", "fisher")
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["sorted_val", "log_p", "tail_scale", "threshold"],
+                   meta_fields=["rule", "fpr"])
 @dataclasses.dataclass(frozen=True)
 class Combiner:
+  """A pytree (its arrays and threshold are leaves), so a jitted attack takes
+  it as an argument and compiles once for every combiner of a shape."""
   sorted_val: np.ndarray     # (M, n) each module's clean validation scores, ascending
   log_p: np.ndarray          # (M, n) log p at each order statistic
   tail_scale: np.ndarray     # (M,) exponential tail's scale past the largest score

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Hashable, Sequence
+from typing import Hashable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -33,7 +33,7 @@ QUICK = study.Plan(
             images_per_class=100, dictionary=sparse.DictConfig(n_atoms=64, n_nonzero=4,
                                                                iters=4)),
         lid=lid.LIDConfig(ks=(20,), n_train=500)),
-    rule="fisher",
+    rule="or",
     adaptive=adaptive.AdaptiveConfig(steps=40, restarts=1, penalties=(3.0,),
                                      gradients=("exact",)),
     adaptive_eps={"mlp": (0.1,)}, adaptive_on=(("mnist5k", "mlp"),), n_adaptive=100, pool=None,

@@ -340,7 +340,7 @@ def choose_rule(vcfg: victims.VictimConfig, plan: Plan, workdir: str | None, pro
   ok = rng.permutation(ok)
   half = len(ok) // 2
   cal, xs, ys = v.x_val[ok[:half]], v.x_val[ok[half:]], v.y_val[ok[half:]]
-  s_cal = d.scores(cal)
+  combiners = {rule: combine.fit(d.scores(cal), rule, FPR) for rule in plan.rules}
   tpr = {r: [] for r in plan.rules}
   for kind, pts in plan.sweep.attacks().items():
     for strength, spec in pts:
@@ -348,11 +348,12 @@ def choose_rule(vcfg: victims.VictimConfig, plan: Plan, workdir: str | None, pro
       if not r.success.any():
         continue
       s = d.scores(r.x_adv[r.success])
-      for rule in plan.rules:
-        tpr[rule].append(100 * float(combine.fit(s_cal, rule, FPR).flags(s).mean()))
+      for rule, c in combiners.items():
+        tpr[rule].append(100 * float(c.flags(s).mean()))
   mean = {r: float(np.mean(t)) for r, t in tpr.items()}
-  return {"victim": dataclasses.asdict(vcfg), "mean_tpr": mean, "n_settings": len(tpr[plan.rules[0]]),
-          "n_cal": half, "n_attacked": len(xs), "rule": max(mean, key=mean.get)}
+  return {"victim": dataclasses.asdict(vcfg), "mean_tpr": mean,
+          "n_settings": len(tpr[plan.rules[0]]), "n_cal": half, "n_attacked": len(xs),
+          "rule": max(mean, key=mean.get)}
 
 
 def run(plan: Plan, outdir: str, mode: str, progress: bool = True) -> dict:
