@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from secure.curtail import combine
+from secure.curtail import calibration, combine
 
 
 def test_p_values_by_hand():
@@ -53,6 +53,18 @@ def test_validation_fpr_by_construction_and_on_held_out_clean_data(rule):
   # images whose most extreme module sits at the same rank)
   assert 0.045 <= c.flags(val).mean() <= 0.05
   assert c.flags(clean).mean() == pytest.approx(0.05, abs=4 * np.sqrt(0.05 * 0.95 / 1000))
+
+
+def test_fpr_over_resplits_is_centred_on_the_target_with_a_binomial_like_spread():
+  rng = np.random.default_rng(4)
+  val, clean = rng.standard_normal((500, 3)), rng.standard_normal((1000, 3))
+  r = calibration.fpr_resplits(val, clean, ("or",), 0.05, n_splits=100)["or"]
+  assert r["mean"] == pytest.approx(5.0, abs=0.6)
+  # threshold and measurement both sampled: at least the measurement's binomial SE
+  assert 100 * np.sqrt(0.05 * 0.95 / 1000) < r["sd"] < 3.0 and r["q90"] > r["mean"]
+  c = calibration.choose(val, [rng.standard_normal((100, 3)) + [0, 0, 3.0],
+                               rng.standard_normal((100, 3)) + [0, 0, 4.0]])
+  assert c["rule"] == "or" and c["n_settings"] == 2   # one strong module: the OR's case
 
 
 def test_fisher_adds_moderate_evidence_and_keeps_an_extreme_one():

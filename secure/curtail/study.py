@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from core.cache import RunCache
 from secure import attacks, detection
-from secure.curtail import (adaptive, combine, defences, modules, parallel, pool, tramer,
-                            victims)
+from secure.curtail import (adaptive, calibration, combine, defences, parallel, pool, profile,
+                            tramer, victims)
 
 CODE_VERSION = "curtail-4"
 
@@ -138,41 +138,6 @@ def run_attack(v: victims.Victim, label: str, x, y, spec: tuple, seed: int = 0
   return attacks.get(name)(v.logits_fn, x, y, **kw)
 
 
-def _quantiles(a) -> dict:
-  a = np.asarray(a, float)
-  return {f"q{q}": float(np.quantile(a, q / 100)) for q in (10, 25, 50, 75, 90)} if len(a) \
-      else {}
-
-
-def profile(v: victims.Victim, cur: defences.Defence, minimal: dict) -> dict:
-  """Minimal perturbations (DeepFool, CW) and where adversarial points land
-  relative to the benign class densities (last latent module)."""
-  spec, arr = cur.spec, cur.params
-  lat, layer = arr["latent"][-1], spec.latent_layers[-1]
-  import jax
-  nll = jax.jit(lambda xx, ll: modules.latent_score(spec, lat, layer, xx, ll))
-  nll_np = lambda xx, ll: np.concatenate([np.asarray(nll(xx[i:i + 500], ll[i:i + 500]))
-                                          for i in range(0, len(xx), 500)])
-  train = np.sort(nll_np(v.x_train, v.y_train))
-  place = {}
-  for lbl, (xa, ya, _) in minimal.items():
-    if not len(xa):
-      continue
-    pred = v.predict(xa)
-    s_pred, s_true = nll_np(xa, pred), nll_np(xa, ya)
-    # % of benign training images less typical of their own class than the
-    # adversarial point is of the class it now claims
-    pct = 100 * (1 - np.searchsorted(train, s_pred) / len(train))
-    place[lbl] = {"median_train_percentile": float(np.median(pct)),
-                  "below_1pct": 100 * float(np.mean(pct < 1)),
-                  "closer_to_true_class": 100 * float(np.mean(s_true < s_pred)), "n": len(xa)}
-  return {"latent_placement": place,
-          "minimal": {k: _quantiles(minimal[k][2]) for k in ("deepfool", "cw_l2")
-                      if k in minimal},
-          "minimal_l2": {k: np.round(np.asarray(minimal[k][2]), 4).tolist()
-                         for k in ("deepfool", "cw_l2") if k in minimal}}
-
-
 def detection_record(d: defences.Defence, val, clean, adv, success, rules=combine.RULES,
                      roc: bool = False) -> dict:
   """A defence on one attack, per combination rule (thresholds on validation
@@ -257,7 +222,7 @@ def victim_run(vcfg: victims.VictimConfig, plan: Plan, rule: str, workdir: str |
     minimal[lbl] = (r.x_adv[r.success], ys[r.success], r.l2[r.success])
   rec["sweep"] = sweep_run(v, ds, val, clean, x, y, plan)
   if "curtail" in ds:
-    rec["profile"] = profile(v, ds["curtail"], minimal)
+    rec["profile"] = profile.profile(v, ds["curtail"], minimal)
   pair = (vcfg.dataset, vcfg.model)
   if pair in plan.adaptive_on and plan.adaptive_eps.get(vcfg.model):
     rec["adaptive"] = adaptive_run(v, ds, val, clean, plan, rule, 100 * acc)
@@ -329,31 +294,30 @@ def pool_run(v: victims.Victim, plan: Plan, rule: str) -> dict:
 
 def choose_rule(vcfg: victims.VictimConfig, plan: Plan, workdir: str | None, progress: bool
                 ) -> dict:
-  """The combination rule with the highest mean TPR (5% validation operating
-  point) over the sweep's attacks, measured on the development victim's
-  *validation* images: thresholds from half of them, attacks on the other
-  half. No test image is used."""
+  """The combination rule, chosen on the development victim's *validation*
+  images only (``calibration.choose``): thresholds from half of them, the
+  sweep's attacks on the other half. No test image is used."""
   v = victims.build(vcfg, workdir=workdir, progress=progress)
   d = _defences_for(v, plan, workdir, ("curtail",))["curtail"]
-  ok = np.flatnonzero(v.predict(v.x_val) == v.y_val)
-  rng = np.random.default_rng([vcfg.seed, 19])
-  ok = rng.permutation(ok)
+  ok = np.random.default_rng([vcfg.seed, 19]).permutation(
+      np.flatnonzero(v.predict(v.x_val) == v.y_val))
   half = len(ok) // 2
   cal, xs, ys = v.x_val[ok[:half]], v.x_val[ok[half:]], v.y_val[ok[half:]]
-  combiners = {rule: combine.fit(d.scores(cal), rule, FPR) for rule in plan.rules}
-  tpr = {r: [] for r in plan.rules}
-  for kind, pts in plan.sweep.attacks().items():
-    for strength, spec in pts:
-      r = run_attack(v, kind, xs, ys, spec, seed=vcfg.seed)
-      if not r.success.any():
-        continue
-      s = d.scores(r.x_adv[r.success])
-      for rule, c in combiners.items():
-        tpr[rule].append(100 * float(c.flags(s).mean()))
-  mean = {r: float(np.mean(t)) for r, t in tpr.items()}
-  return {"victim": dataclasses.asdict(vcfg), "mean_tpr": mean,
-          "n_settings": len(tpr[plan.rules[0]]), "n_cal": half, "n_attacked": len(xs),
-          "rule": max(mean, key=mean.get)}
+  adversarial = (d.scores(r.x_adv[r.success]) for r in (
+      run_attack(v, kind, xs, ys, spec, seed=vcfg.seed)
+      for kind, pts in plan.sweep.attacks().items() for _, spec in pts))
+  return {"victim": dataclasses.asdict(vcfg), "n_cal": half, "n_attacked": len(xs)} | \
+      calibration.choose(d.scores(cal), adversarial, plan.rules, FPR)
+
+
+def fpr_stage(vcfg: victims.VictimConfig, plan: Plan, workdir: str | None, progress: bool
+              ) -> dict:
+  """Each defence's clean FPR at the validation point over re-splits of the
+  victim's clean validation and test images (``calibration.fpr_resplits``)."""
+  v = victims.build(vcfg, workdir=workdir, progress=progress)
+  return {k: calibration.fpr_resplits(d.scores(v.x_val), d.scores(v.x_test[:plan.n_clean]),
+                                      plan.rules, FPR)
+          for k, d in _defences_for(v, plan, workdir).items()}
 
 
 def run(plan: Plan, outdir: str, mode: str, progress: bool = True) -> dict:
@@ -400,11 +364,13 @@ def run(plan: Plan, outdir: str, mode: str, progress: bool = True) -> dict:
                                            and cfgs else no("not in this plan"))}
   except FileNotFoundError as e:   # the first victim's dataset is missing here
     speed = {"throughput": {"skipped": str(e)}, "attack_benchmark": {"skipped": str(e)}}
-  runs, skipped = [], []
+  runs, skipped, fpr = [], [], {}
   for c in tqdm(cfgs, desc="curtail victims", disable=not progress):
     try:
       runs.append(cache.get(c.tag, lambda: victim_run(c, plan, rule, workdir, progress)))
+      fpr[c.tag] = cache.get(f"fpr_resplits:{c.tag}",
+                             lambda: fpr_stage(c, plan, workdir, progress))
     except FileNotFoundError as e:   # a dataset missing on this machine
       skipped.append(f"{c.tag}: {e}")
   return {"runs": runs, "skipped": skipped, **speed, "rule": rule, "rule_choice": choice,
-          "plan": dataclasses.asdict(plan)}
+          "fpr_resplits": fpr, "plan": dataclasses.asdict(plan)}
