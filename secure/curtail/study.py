@@ -312,12 +312,13 @@ def choose_rule(vcfg: victims.VictimConfig, plan: Plan, workdir: str | None, pro
 
 def fpr_stage(vcfg: victims.VictimConfig, plan: Plan, workdir: str | None, progress: bool
               ) -> dict:
-  """Each defence's clean FPR at the validation point over re-splits of the
+  """CuRTAIL's clean FPR at the validation point over re-splits of the
   victim's clean validation and test images (``calibration.fpr_resplits``)."""
   v = victims.build(vcfg, workdir=workdir, progress=progress)
+  names = tuple(n for n in ("curtail",) if n in plan.defence_names)
   return {k: calibration.fpr_resplits(d.scores(v.x_val), d.scores(v.x_test[:plan.n_clean]),
                                       plan.rules, FPR)
-          for k, d in _defences_for(v, plan, workdir).items()}
+          for k, d in _defences_for(v, plan, workdir, names).items()}
 
 
 def run(plan: Plan, outdir: str, mode: str, progress: bool = True) -> dict:
