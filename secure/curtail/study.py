@@ -121,11 +121,10 @@ def _defences_for(v: victims.Victim, plan: Plan, workdir: str | None,
   return out
 
 
-def attack_set(v: victims.Victim, n: int, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
-  """The first ``n`` images of ``split`` the victim classifies correctly (and labels)."""
-  x, y = (v.x_test, v.y_test) if split == "test" else (v.x_val, v.y_val)
-  ok = np.flatnonzero(v.predict(x) == y)[:n]
-  return x[ok], y[ok]
+def attack_set(v: victims.Victim, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first ``n`` test images the victim classifies correctly (and labels)."""
+  ok = np.flatnonzero(v.predict(v.x_test) == v.y_test)[:n]
+  return v.x_test[ok], v.y_test[ok]
 
 
 def run_attack(v: victims.Victim, label: str, x, y, spec: tuple, seed: int = 0
@@ -173,7 +172,7 @@ def _timed_scores(d: defences.Defence, x) -> tuple[np.ndarray, float]:
   return s, 1e3 * (time.perf_counter() - t0) / len(x)
 
 
-def _attack_record(v, ds, val, clean, r, t, rules, roc=False) -> dict:
+def _attack_record(ds, val, clean, r, t, rules, roc=False) -> dict:
   ok = r.success
   a = {"success": 100 * float(ok.mean()), "n": len(ok), "s": t,
        "median_l2": float(np.median(r.l2[ok])) if ok.any() else None,
@@ -193,7 +192,7 @@ def sweep_run(v, ds, val, clean, x, y, plan: Plan) -> dict:
       t0 = time.perf_counter()
       r = run_attack(v, kind, x, y, spec, seed=plan.seed)
       out[kind].append({"strength": strength} |
-                       _attack_record(v, ds, val, clean, r, time.perf_counter() - t0,
+                       _attack_record(ds, val, clean, r, time.perf_counter() - t0,
                                       plan.rules))
   return out
 
@@ -217,7 +216,7 @@ def victim_run(vcfg: victims.VictimConfig, plan: Plan, rule: str, workdir: str |
     xs, ys = (x[:plan.n_jsma], y[:plan.n_jsma]) if lbl == "jsma" else (x, y)
     t0 = time.perf_counter()
     r = run_attack(v, lbl, xs, ys, spec, seed=plan.seed)
-    rec["attacks"][lbl] = _attack_record(v, ds, val, clean, r, time.perf_counter() - t0,
+    rec["attacks"][lbl] = _attack_record(ds, val, clean, r, time.perf_counter() - t0,
                                          plan.rules, roc=lbl in ("pgd_linf", "cw_l2"))
     minimal[lbl] = (r.x_adv[r.success], ys[r.success], r.l2[r.success])
   rec["sweep"] = sweep_run(v, ds, val, clean, x, y, plan)
