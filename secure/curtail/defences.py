@@ -124,7 +124,7 @@ def _mahalanobis(v: Victim, cfg: CurtailConfig) -> Defence:
   clf = v.classifier
   layer = clf.layers[-1] if cfg.mahalanobis_layer is None else cfg.mahalanobis_layer
   clf.check_layer(layer)
-  feats = jax.jit(lambda p, x: clf.features(p, x, layer))
+  feats = latent.features_fn(clf, layer)
   m = peers.fit_mahalanobis(lambda x: modules.batched(functools.partial(feats, v.params), x),
                             v.x_train, v.y_train, v.num_classes)
 

@@ -55,7 +55,7 @@ class LatentDefender:
   train_logdens: np.ndarray     # training log-densities (for a security sweep)
 
   def features(self, x) -> np.ndarray:
-    f = _features(self.classifier, self.layer)(self.params, jnp.asarray(x))
+    f = features_fn(self.classifier, self.layer)(self.params, jnp.asarray(x))
     return np.asarray(f)
 
   def log_density(self, x, labels) -> np.ndarray:
@@ -79,12 +79,13 @@ class LatentDefender:
 
 
 @functools.lru_cache(maxsize=64)
-def _features(clf: Classifier, layer) -> Callable:
+def features_fn(clf: Classifier, layer) -> Callable:
+  """``clf``'s features at ``layer`` as one jitted (params, x) function, cached."""
   return jax.jit(lambda p, x: clf.features(p, x, layer))
 
 
 def _finetune(clf: Classifier, params, x, y, cfg: LatentConfig, n_classes: int):
-  feats = _features(clf, cfg.layer)
+  feats = features_fn(clf, cfg.layer)
   f_dim = int(feats(params, jnp.asarray(x[:1])).shape[-1])
   key = jax.random.key(cfg.seed)
   state = {"net": params,
@@ -127,9 +128,9 @@ def fit(clf: Classifier, params, x_train, y_train, cfg: LatentConfig = LatentCon
   if missing:
     raise ValueError(f"classes {missing} have no training images; every class needs a Gaussian")
   # Resolve the layer index (and check it) before any training.
-  _features(clf, cfg.layer)(params, jnp.asarray(x[:1]))
+  features_fn(clf, cfg.layer)(params, jnp.asarray(x[:1]))
   net = _finetune(clf, params, x, y, cfg, n_classes) if cfg.steps else params
-  f = np.concatenate([np.asarray(_features(clf, cfg.layer)(net, jnp.asarray(
+  f = np.concatenate([np.asarray(features_fn(clf, cfg.layer)(net, jnp.asarray(
       x[i:i + 1000]))) for i in range(0, len(x), 1000)]).astype(np.float64)
   mean = f.mean(0)
   _, s, vt = np.linalg.svd(f - mean, full_matrices=False)

@@ -30,6 +30,7 @@ import numpy as np
 
 from secure import attacks, detection
 from secure.classifier import Classifier
+from secure.curtail import modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +106,7 @@ def fit(clf: Classifier, params, logits_fn: Callable, x_train, y_train, x_val, y
   best, tried = None, {}
   for k in cfg.ks:
     fn = jax.jit(lambda x, k=k: lids(clf, k, base, x))
-    feats = lambda x: np.concatenate([np.asarray(fn(jnp.asarray(x[i:i + 500])))
-                                      for i in range(0, len(x), 500)])
-    f_tr = [feats(a) for a in xtr]
+    f_tr = [modules.batched(fn, a) for a in xtr]
     xs = np.concatenate(f_tr)
     ys = np.r_[np.zeros(len(f_tr[0]) + len(f_tr[1])), np.ones(len(f_tr[2]))]
     sc = StandardScaler().fit(xs)

@@ -10,7 +10,7 @@ import numpy as np
 
 from core import report
 from secure import detection, sparse
-from secure.curtail import adaptive, defences, input_defender, latent, lid, peers, study
+from secure.curtail import adaptive, defences, input_defender, latent, lid, peers, study, victims
 
 # Full mode: APGD with one restart per (penalty, gradient kind) pair, i.e. four
 # runs of 100 steps per image and epsilon (a second restart doubles the ~25
@@ -311,7 +311,7 @@ def render(res: dict, outdir: str) -> report.Section:
         break
       w = worst(r, "curtail", rule)
       v = r["victim"]
-      rs = res.get("fpr_resplits", {}).get(f"{v['dataset']}_{v['model']}_s{v['seed']}", {})
+      rs = res.get("fpr_resplits", {}).get(victims.VictimConfig(**v).tag, {})
       rs = rs.get("curtail", {}).get(rule)
       rows.append((f"{v['dataset']}/{v['model']}", f"{w['min_auc'][0]:.3f} ({w['min_auc'][1]})",
                    f"{w['max_residual'][0]:.1f} ({w['max_residual'][1]})", f"{w['fpr']:.1f}",
