@@ -18,7 +18,8 @@ import pytest
 from core import data
 from secure import attacks
 from secure.classifier import Classifier
-from secure.curtail import adaptive, combine, defences, pool, study, victims
+from secure import combine
+from secure.curtail import adaptive, defences, pool, study, victims
 from tests import curtail_tiny
 
 

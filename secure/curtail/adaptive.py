@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from secure.curtail import combine
+from secure import combine
 from secure.curtail.defences import Defence
 
 

@@ -16,7 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
-from secure.curtail import combine
+from secure import combine
 
 
 def choose(cal_NxM: np.ndarray, adversarial: Iterable[np.ndarray],

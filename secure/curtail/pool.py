@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-from secure.curtail import adaptive, combine, defences, residual
+from secure import combine
+from secure.curtail import adaptive, defences, residual
 from secure.curtail.victims import Victim
 
 

@@ -23,8 +23,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from core.cache import RunCache
-from secure import attacks, detection
-from secure.curtail import (adaptive, calibration, combine, defences, parallel, pool, profile,
+from secure import attacks, combine, detection
+from secure.curtail import (adaptive, calibration, defences, parallel, pool, profile,
                             tramer, victims)
 
 CODE_VERSION = "curtail-4"
