@@ -7,6 +7,11 @@ images and a frozen config:
 * ``Blend``: a fixed random pattern mixed in at low opacity over the whole image.
 * ``Warp`` (WaNet-style): a smooth, fixed random displacement field resamples the
   image; nothing is added and no location is marked, so the trigger is hard to see.
+* ``Sinusoid`` (SIG, Barni, Kallas & Tondi, ICIP 2019): a horizontal sinusoidal
+  signal added over the whole image: smooth, image-wide, no fixed location.
+* ``RandomPatch``: the ``Patch`` pattern stamped at a position drawn per image
+  (from a hash of the image, so the trigger stays a pure function of each image):
+  a location-free patch.
 
 ``poison`` applies a trigger to a seeded fraction of the training images whose
 label is not the target and relabels them to the target class (all-to-one).
@@ -15,6 +20,8 @@ label is not the target and relabels them to the target class (all-to-one).
 from __future__ import annotations
 
 import dataclasses
+import zlib
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +96,43 @@ class Warp:
     return np.clip(np.asarray(out), 0.0, 1.0).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sinusoid:
+  amplitude: float = 0.08   # SIG's Delta: 20/255 in the paper
+  frequency: float = 6.0    # periods across the image width (the paper's f = 6)
+
+  def __call__(self, x: np.ndarray) -> np.ndarray:
+    x = _check_images(x)
+    if not 0 <= self.amplitude <= 1 or self.frequency <= 0:
+      raise ValueError(f"SIG needs 0 <= amplitude <= 1 and frequency > 0, got {self}")
+    w = x.shape[2]
+    wave = self.amplitude * np.sin(2 * np.pi * np.arange(w) * self.frequency / w)
+    return np.clip(x + wave[None, None, :, None].astype(np.float32), 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomPatch:
+  size: int = 4
+  seed: int = 0
+
+  def positions(self, x: np.ndarray) -> np.ndarray:
+    """(N, 2) top-left corner of the pattern in each image."""
+    h, w = x.shape[1:3]
+    return np.array([np.random.default_rng([self.seed, 15, zlib.crc32(img.tobytes())])
+                     .integers(0, [h - self.size + 1, w - self.size + 1]) for img in x],
+                    np.int64).reshape(-1, 2)
+
+  def __call__(self, x: np.ndarray) -> np.ndarray:
+    x = _check_images(x)
+    if not 1 <= self.size <= min(x.shape[1:3]):
+      raise ValueError(f"patch size {self.size} does not fit {x.shape[1]}x{x.shape[2]} images")
+    pattern = Patch(self.size, seed=self.seed).pattern()[:, :, None]
+    out = x.copy()
+    for img, (r, c) in zip(out, self.positions(x)):
+      img[r:r + self.size, c:c + self.size] = pattern
+    return out
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Additive:
   """A fixed additive pattern (H, W, C), e.g. one optimised by an adaptive
@@ -102,7 +146,8 @@ class Additive:
     return np.clip(x + np.asarray(self.delta, np.float32), 0.0, 1.0)
 
 
-Trigger = Patch | Blend | Warp | Additive
+# Any callable images -> images is a trigger; these are the named ones.
+Trigger = Callable[[np.ndarray], np.ndarray]
 
 
 def _check_images(x) -> np.ndarray:
