@@ -41,7 +41,7 @@ def test_shield_detects_recovers_and_keeps_its_fpr():
   v = _victim()
   sh = shield.fit(v, SMALL)
   x_fit, x_val = victims.defender_split(v.defender_x, SMALL.fit_fraction)
-  assert (len(x_fit), len(x_val)) == (200, 100)
+  assert (len(x_fit), len(x_val)) == (150, 150)
   for f, thr in sh.thresholds.items():   # the requested FPR on the split that set it
     assert np.mean(sh.scores(x_val)["combined"] > thr) <= f
   # Held-out test images (shield.evaluate, run over the whole split, is checked by the
@@ -64,11 +64,12 @@ def test_shield_detects_recovers_and_keeps_its_fpr():
 
 def test_detect_and_reject_metrics_count_by_hand():
   v = _victim()
+  held = study._held_out(v, study.Plan(max_test=None))
   x_att, y_att = v.attack_set()
   xt = v.trigger(x_att)
   # A detector that flags exactly the first half of every batch it sees.
   score = lambda x: (np.arange(len(x)) < len(x) // 2).astype(float)
-  m = study.evaluate_detector(score, {0.01: 0.5}, v, xt)["fpr0.01"]
+  m = study.evaluate_detector(score, {0.01: 0.5}, v, held)["fpr0.01"]
   half = len(xt) // 2
   pred = v.predict(xt)
   assert m["tpr"] == pytest.approx(100 * half / len(xt))

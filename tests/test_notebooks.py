@@ -70,9 +70,12 @@ def _check_cleann_tour(out: str) -> None:
   through, before = map(float, re.search(r"at 5% FPR: .* clean accuracy through the shield "
                                          r"([\d.]+)% \(victim ([\d.]+)%\)", out).groups())
   assert through > before - 3
-  labels = re.search(r"victim says (\d) on the triggered image, (\d) on its reconstruction; "
-                     r"true label (\d)", out).groups()
-  assert labels[0] == "0" and labels[1] == labels[2]   # backdoor fires; recovery gets it back
+  fired, recovered = map(int, re.search(r"the victim says 0 on (\d+); recovery gives the true "
+                                         r"label on (\d+)", out).groups())
+  assert fired >= 9 and recovered >= 7               # backdoor fires; recovery gets it back
+  asr, flagged, rec = map(float, re.search(
+      r"SIG: ASR before ([\d.]+)%, flagged at 5% FPR ([\d.]+)%, recovered ([\d.]+)%", out).groups())
+  assert asr > 90 and flagged > 90 and rec > 80      # an image-wide trigger: seen and undone
   assert 0 <= _floats(r"STRIP TPR at 5% FPR: ([\d.]+)%", out)[0] <= 100
 
 

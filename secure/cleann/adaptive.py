@@ -15,6 +15,7 @@ dictionaries represent well while it still activates a backdoor.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ import optax
 
 from core.models import layers
 from secure import sparse, triggers
-from secure.cleann import analyzers
+from secure.cleann import analyzers, purify, shield
 from secure.cleann.shield import Shield
 from secure.cleann.victims import Victim
 
@@ -40,20 +41,28 @@ class AdaptiveConfig:
 
 
 def _shield_score(sh: Shield, x, temperature: float):
+  """The shield's combined statistic, traced: the input analyzer's worst
+  patch as a soft maximum, the envelope's count as a sum of sigmoids, each
+  latent analyzer's residual (OMP's support held fixed), through the
+  calibrated p-values of the deployed combination."""
   an = sh.input
   p = analyzers.to_dct(analyzers.patches(x, an.patch), an.patch.size)
   n, np_, s = p.shape
   flat = p.reshape(n * np_, s)
-  codes = sparse._omp(flat, jnp.asarray(an.dictionary), an.n_nonzero, jnp.float32(-1.0))
-  r = jnp.sum((flat - codes @ jnp.asarray(an.dictionary)) ** 2, axis=-1).reshape(n, np_)
+  d_in = jnp.asarray(an.dictionary)
+  codes = sparse.omp_traced(flat, d_in, an.n_nonzero)
+  r = jnp.sum((flat - codes @ d_in) ** 2, axis=-1).reshape(n, np_)
   r = r / jnp.asarray(an.position_scale)
-  s_in = temperature * jax.nn.logsumexp(r / temperature, axis=1) / sh.scale[0]
-  if sh.latent is None:
-    return s_in
-  f = sh.features(x)
-  d = jnp.asarray(sh.latent.dictionary)
-  c = sparse._omp(f, d, sh.latent.n_nonzero, jnp.float32(-1.0))
-  return jnp.maximum(s_in, jnp.sum((f - c @ d) ** 2, axis=-1) / sh.scale[1])
+  cols = [temperature * jax.nn.logsumexp(r / temperature, axis=1)]
+  if sh.envelope is not None:
+    e = sh.envelope
+    out = jnp.maximum(x - e.hi - e.margin, e.lo - e.margin - x).reshape(n, -1)
+    cols.append(jax.nn.sigmoid(out / (temperature * 0.01)).mean(axis=1))
+  for layer, lat in sh.latents.items():
+    cols.append(purify.latent_residual(
+        functools.partial(shield._layer_features, sh.model.classifier, layer), sh.model.params,
+        lat.dictionary, lat.n_nonzero, x))
+  return sh.combiners[min(sh.combiners)].statistic(jnp.stack(cols, axis=1))
 
 
 def optimise_trigger(victim: Victim, sh: Shield, x: np.ndarray,
@@ -64,7 +73,8 @@ def optimise_trigger(victim: Victim, sh: Shield, x: np.ndarray,
 
   def loss(raw, xb):
     xt = jnp.clip(xb + cfg.epsilon * jnp.tanh(raw), 0.0, 1.0)
-    ce = layers.cross_entropy(victim.apply(xt), jnp.full((xb.shape[0],), target))
+    ce = layers.cross_entropy(victim.classifier.apply(victim.params, xt),
+                              jnp.full((xb.shape[0],), target))
     score = _shield_score(sh, xt, cfg.temperature).mean()
     return ce + cfg.penalty * score, (ce, score)
 

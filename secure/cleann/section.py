@@ -12,16 +12,30 @@ from core import report
 from secure import detection, sparse
 from secure.cleann import adaptive, neural_cleanse, shield, study
 
-FULL = study.Plan()
+FULL = study.Plan(adaptive_on=("mnist5k",))
 # Quick mode is a smoke check of every part in about two minutes: MLP victims
 # (the full study's CNN makes Neural Cleanse and the victims several times slower).
 QUICK = study.Plan(datasets=("mnist5k",), model="mlp", triggers=("patch", "blend"),
-                   rates=(0.05,), steps={"mnist5k": 600}, nc=neural_cleanse.NCConfig(steps=60),
-                   defender_sizes=(100,), adaptive=adaptive.AdaptiveConfig(steps=60, lr=0.02),
+                   rates=(0.05,), extra=(), steps={"mnist5k": 600},
+                   nc=neural_cleanse.NCConfig(steps=60), max_test=None, resplits=50,
+                   defender_sizes=(300,), adaptive=adaptive.AdaptiveConfig(steps=60, lr=0.02),
                    adaptive_on=("mnist5k",), fixed_bits=(6, 10), fixed_on=("patch",),
                    bench_reps=3, shield=shield.ShieldConfig(
                        input_dict=sparse.DictConfig(n_atoms=128, n_nonzero=4, iters=5),
                        latent_dict=sparse.DictConfig(n_atoms=128, n_nonzero=12, iters=5)))
+
+
+PEER_NAMES = {"strip": "STRIP", "nc": "NC filter", "scale_up": "SCALE-UP", "teco": "TeCo",
+              "ibd_psc": "IBD-PSC"}
+PLOTTED = ("blend", "sig", "warp")   # ROC figures for the image-wide triggers
+
+
+def _modules(runs) -> list[str]:
+  """The shield's module names over the runs (input, envelope, latent layers)."""
+  out = []
+  for r in runs:
+    out += [m for m in r["shield"]["roc"] if m not in ("or", "fisher") and m not in out]
+  return out
 
 
 def _pm(pct: float, n: int) -> str:
@@ -31,6 +45,7 @@ def _pm(pct: float, n: int) -> str:
 def _name(r: dict) -> str:
   v = r["victim"]
   return f"{v['dataset']} {v['trigger']} {100 * v['rate']:g}%"
+
 
 
 def render(res: dict, outdir: str) -> report.Section:
@@ -43,8 +58,9 @@ def render(res: dict, outdir: str) -> report.Section:
       "trained on poisoned data with the "
       "defender's benign images held out; every metric on the held-out test split (clean "
       "images, and the triggered versions of its non-target images). The defender sees "
-      f"{runs[0]['n_defender'] if runs else '?'} unlabelled training images: 2/3 fit the "
-      "dictionaries, 1/3 set the thresholds. Shield hyperparameters were chosen on seed-0 "
+      f"{runs[0]['n_defender'] if runs else '?'} unlabelled training images: "
+      f"{100 * plan['shield']['fit_fraction']:.0f}% fit the analyzers, the rest calibrate the "
+      "p-values and set the thresholds. Shield hyperparameters were chosen on seed-0 "
       f"mnist5k victims; these victims use seed(s) {plan['seeds']}. ± = binomial standard "
       "error.")
   parts.append("**The threat (no defence).**\n\n" + report.markdown_table(
@@ -52,51 +68,65 @@ def render(res: dict, outdir: str) -> report.Section:
       [[_name(r), _pm(r["threat"]["c_acc"], r["threat"]["n_test"]),
         _pm(r["threat"]["asr"], r["threat"]["n_attack"]),
         f"{r['threat']['n_test']} / {r['threat']['n_attack']}"] for r in runs]))
-  rows = []
-  for r in runs:
-    na = r["threat"]["n_attack"]
-    for f in (0.01, 0.05):
-      k = f"fpr{f:g}"
-      s, st, nc = r["shield"][k], r["strip"][k], r["nc"][k]
-      rows.append([_name(r), f"{100 * f:g}%", _pm(s["tpr"], na), f"{s['fpr_test']:.1f}",
-                   _pm(s["ra"], na), f"{s['asr_after']:.1f}", f"{s['c_acc_after']:.1f}",
-                   _pm(st["tpr"], na), f"{st['asr_after']:.1f}",
-                   _pm(nc["tpr"], na), f"{nc['asr_after']:.1f}"])
+  rule = plan["shield"]["rule"]
+  peers = plan["peers"]
+  for f in (0.01, 0.05):
+    rows = []
+    for r in runs:
+      s, na = r["shield"][f"{rule}{f:g}"], r["held_out"]["n_attack"]
+      rows.append([_name(r), _pm(s["tpr"], na), f"{s['fpr_test']:.1f}", f"{s['c_acc_after']:.1f}",
+                   f"{s['asr_after']:.1f}", _pm(s["ra"], na)]
+                  + [f"{r['peers'][p][f'fpr{f:g}']['tpr']:.1f} / "
+                     f"{r['peers'][p][f'fpr{f:g}']['ra']:.1f}" for p in peers])
+    parts.append(
+        f"**At {100 * f:g}% target FPR** (threshold on the defender's validation images; "
+        "'FPR test' = what it gives on the clean test images). CLEANN relabels what it "
+        f"flags ({rule} combination); the peers reject, so their R-Acc counts only unflagged "
+        "triggered images that keep their true label. Peers: TPR / R-Acc, %.\n\n"
+        + report.markdown_table(
+            ["victim", "CLEANN TPR %", "FPR test %", "C-Acc after %", "ASR after %",
+             "R-Acc %"] + [PEER_NAMES[p] for p in peers], rows))
   parts.append(
-      "**CLEANN vs STRIP and Neural Cleanse at fixed FPR** (threshold set on the defender's "
-      "validation images; 'FPR test' is what it gives on the clean test images). CLEANN "
-      "relabels what it flags (RA: triggered images ending with their true label); STRIP "
-      "and NC's input filter reject (a rejected image counts as neither recovered nor "
-      "attacked, and against clean accuracy).\n\n" + report.markdown_table(
-          ["victim", "target FPR", "CLEANN TPR %", "FPR test %", "RA %", "ASR after %",
-           "C-Acc after %", "STRIP TPR %", "STRIP ASR after %", "NC TPR %", "NC ASR after %"],
-          rows))
-  parts.append("**ROC AUC and cost per image** (CPU, this machine, warm; CLEANN includes "
-               "recovery):\n\n" + report.markdown_table(
-                   ["victim", "CLEANN", "input analyzer", "latent analyzer", "STRIP",
-                    "NC filter", "NC anomaly index (suspect)", "ms/img CLEANN / STRIP / NC",
-                    "NC reverse s"],
-                   [[_name(r), f"{r['shield']['roc']['combined']['auc']:.4f}",
-                     f"{r['shield']['roc']['input']['auc']:.4f}",
-                     f"{r['shield']['roc'].get('latent', {}).get('auc', float('nan')):.4f}",
-                     f"{r['strip']['roc']['auc']:.4f}", f"{r['nc']['roc']['auc']:.4f}",
-                     f"{r['nc']['anomaly_index']:.2f} ({r['nc']['suspect']})"
-                     + (" infected" if r["nc"]["infected"] else ""),
-                     f"{r['shield']['ms_per_image']:.2f} / {r['strip']['ms_per_image']:.2f} / "
-                     f"{r['nc']['ms_per_image']:.3f}", f"{r['nc']['fit_s']:.0f}"]
-                    for r in runs]))
+      "**ROC AUC per module and defence, cost per image** (CPU, this machine, warm; CLEANN: "
+      "all analyzers, then recovery of every triggered image):\n\n" + report.markdown_table(
+          ["victim", "CLEANN (OR / Fisher)"]
+          + [m for m in _modules(runs)] + [PEER_NAMES[p] for p in peers]
+          + ["ms/img CLEANN detect + recover", "ms/img peers"],
+          [[_name(r), f"{r['shield']['roc']['or']['auc']:.3f} / "
+            f"{r['shield']['roc']['fisher']['auc']:.3f}"]
+           + [f"{r['shield']['roc'][m]['auc']:.3f}" if m in r["shield"]["roc"] else "-"
+              for m in _modules(runs)]
+           + [f"{r['peers'][p]['roc']['auc']:.3f}" for p in peers]
+           + [f"{r['shield']['detect_ms_per_image']:.2f} + {r['shield']['recover_ms']:.2f}",
+              " / ".join(f"{r['peers'][p]['ms_per_image']:.2f}" for p in peers)]
+           for r in runs]))
+  parts.append(
+      "**Recovery per path** (RA % over every triggered test image if all took the path; "
+      "'routed' is the shield's choice, at 1% FPR: the patch reconstruction where the patch "
+      "analyzer fires on its own, else the envelope-clipped image; either one purified on "
+      "the latent side if the shield still flags it):\n\n" + report.markdown_table(
+          ["victim"] + list(r_paths := [p for p in shield.PATHS
+                                        if runs and p in runs[0]["shield"]["paths0.01"]]),
+          [[_name(r)] + [f"{r['shield']['paths0.01'][p]:.1f}" for p in r_paths] for r in runs]))
+  parts.append(
+      "**Combination rule and the threshold's variability.** TPR % at 1% / 5% FPR under the "
+      "OR (one per-module level; the baseline) and Fisher's rule, and over "
+      f"{plan['resplits']} bootstrap re-draws of the validation images the test FPR and "
+      f"TPR at 1% target FPR ({rule}; 10th / 50th / 90th percentile):\n\n"
+      + report.markdown_table(
+          ["victim", "OR", "Fisher", "test FPR at 1% (re-draws)", "TPR at 1% (re-draws)"],
+          [[_name(r)] + [f"{r['shield'][f'{q}0.01']['tpr']:.1f} / "
+                         f"{r['shield'][f'{q}0.05']['tpr']:.1f}" for q in ("or", "fisher")]
+           + [" / ".join(f"{v:.1f}" for v in r["resplits"]["0.01"][k])
+              for k in ("fpr_test", "tpr")] for r in runs]))
   for r in runs:
-    series = {f"CLEANN (AUC {r['shield']['roc']['combined']['auc']:.3f})":
-              (r["shield"]["roc"]["combined"]["fpr"], r["shield"]["roc"]["combined"]["tpr"]),
-              "input analyzer": (r["shield"]["roc"]["input"]["fpr"],
-                                 r["shield"]["roc"]["input"]["tpr"])}
-    if "latent" in r["shield"]["roc"]:
-      series["latent analyzer"] = (r["shield"]["roc"]["latent"]["fpr"],
-                                   r["shield"]["roc"]["latent"]["tpr"])
-    series[f"STRIP ({r['strip']['roc']['auc']:.3f})"] = (r["strip"]["roc"]["fpr"],
-                                                          r["strip"]["roc"]["tpr"])
-    series[f"NC filter ({r['nc']['roc']['auc']:.3f})"] = (r["nc"]["roc"]["fpr"],
-                                                          r["nc"]["roc"]["tpr"])
+    if r["victim"]["trigger"] not in PLOTTED:
+      continue
+    roc = r["shield"]["roc"]
+    series = {f"CLEANN {rule} (AUC {roc[rule]['auc']:.3f})": (roc[rule]["fpr"], roc[rule]["tpr"])}
+    series |= {m: (roc[m]["fpr"], roc[m]["tpr"]) for m in _modules([r])}
+    series |= {f"{PEER_NAMES[p]} ({r['peers'][p]['roc']['auc']:.3f})":
+               (r["peers"][p]["roc"]["fpr"], r["peers"][p]["roc"]["tpr"]) for p in peers}
     tag = _name(r).replace(" ", "_").replace("%", "pct")
     # Log FPR axis: the operating points (1%, 5%) sit where a linear axis shows nothing.
     series = {k: (np.maximum(np.asarray(x), 1e-4), y) for k, (x, y) in series.items()}
@@ -116,8 +146,8 @@ def render(res: dict, outdir: str) -> report.Section:
                           if d else "-")(r["defender_sizes"].get(str(n)))
                          for n in ns] for r in sized]))
   for a in res["adaptive"]:
-    s = a["shield"]
-    na = a["threat"]["n_attack"]
+    s = {f: a["shield"][f"{rule}{f:g}"] for f in (0.01, 0.05)}
+    na = a["shield"]["n_attack"]
     parts.append(
         f"**Adaptive attacker ({a['dataset']}).** Knows the shield; optimises an additive "
         f"trigger (L∞ {a['linf']:.2f}) for the patch victim's target loss plus the shield's "
@@ -126,11 +156,11 @@ def render(res: dict, outdir: str) -> report.Section:
         f"{a['on_original_victim']['tpr1']:.1f}%); after poisoning with it: "
         f"C-Acc {_pm(a['threat']['c_acc'], a['threat']['n_test'])}%, ASR "
         f"{_pm(a['threat']['asr'], na)}%.\n\n" + report.markdown_table(
-            ["target FPR", "TPR %", "RA %", "ASR after %", "C-Acc after %", "AUC (input / latent)"],
-            [[f"{100 * f:g}%", _pm(s[f'fpr{f:g}']['tpr'], na), _pm(s[f'fpr{f:g}']['ra'], na),
-              f"{s[f'fpr{f:g}']['asr_after']:.1f}", f"{s[f'fpr{f:g}']['c_acc_after']:.1f}",
-              f"{s['roc']['input']['auc']:.3f} / "
-              f"{s['roc'].get('latent', {}).get('auc', float('nan')):.3f}"]
+            ["target FPR", "TPR %", "RA %", "ASR after %", "C-Acc after %",
+             "AUC per module"],
+            [[f"{100 * f:g}%", _pm(s[f]['tpr'], na), _pm(s[f]['ra'], na),
+              f"{s[f]['asr_after']:.1f}", f"{s[f]['c_acc_after']:.1f}",
+              " / ".join(f"{m} {a['shield']['roc'][m]['auc']:.3f}" for m in _modules([a]))]
              for f in (0.01, 0.05)]))
   fx = [r for r in runs if r.get("fixed_point")]
   if fx:

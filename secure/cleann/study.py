@@ -21,30 +21,34 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from core.cache import RunCache
-from secure import detection, sparse
-from secure.cleann import (adaptive, fixed_point, fpga_model, neural_cleanse, shield, strip,
-                           victims)
+from secure import combine, detection, sparse
+from secure.cleann import (adaptive, consistency, fixed_point, fpga_model, neural_cleanse,
+                           shield, strip, victims)
 
-CODE_VERSION = "cleann-2"
+CODE_VERSION = "cleann-3"
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   datasets: tuple[str, ...] = ("mnist5k", "fashion_mnist")
   model: str = "cnn"
-  triggers: tuple[str, ...] = ("patch", "blend", "warp")
-  rates: tuple[float, ...] = (0.05, 0.01)
+  triggers: tuple[str, ...] = ("patch", "patch_anywhere", "blend", "sig", "warp")
+  rates: tuple[float, ...] = (0.05,)
+  extra: tuple[tuple[str, float], ...] = (("blend", 0.01),)   # (trigger, rate) beyond the grid
   seeds: tuple[int, ...] = (1,)
+  max_test: int | None = 2000     # test images per victim (the first; None: all)
   steps: dict = dataclasses.field(default_factory=lambda: {"mnist5k": 1500,
                                                            "fashion_mnist": 3000})
   shield: shield.ShieldConfig = shield.ShieldConfig()
   strip: strip.StripConfig = strip.StripConfig()
   nc: neural_cleanse.NCConfig = neural_cleanse.NCConfig()
-  defender_sizes: tuple[int, ...] = (100, 300, 600)
+  peers: tuple[str, ...] = ("strip", "nc", "scale_up", "teco", "ibd_psc")
+  defender_sizes: tuple[int, ...] = ()
   adaptive: adaptive.AdaptiveConfig = adaptive.AdaptiveConfig()
-  adaptive_on: tuple[str, ...] = ("mnist5k", "fashion_mnist")
+  adaptive_on: tuple[str, ...] = ()
   fixed_bits: tuple[int, ...] = (4, 6, 8, 10, 12, 16)
-  fixed_on: tuple[str, ...] = ("patch", "blend")
+  fixed_on: tuple[str, ...] = ()
+  resplits: int = 200             # bootstrap re-draws of the validation images
   bench_signals: int = 4096
   bench_reps: int = 5
 
@@ -68,33 +72,86 @@ def _thin(curve: dict, n: int = 120) -> dict:
           "tpr": np.asarray(curve["tpr"])[idx].tolist()}
 
 
+def _held_out(v: victims.Victim, plan: Plan):
+  """(clean x, y, triggered x, true y): the first ``max_test`` test images and
+  the triggered versions of the non-target ones among them."""
+  n = plan.max_test or len(v.ds.x_test)
+  x, y = v.ds.x_test[:n], v.ds.y_test[:n]
+  keep = y != v.cfg.target
+  return x, y, v.trigger(x[keep]), y[keep]
+
+
 def evaluate_detector(score: Callable[[np.ndarray], np.ndarray], thresholds: dict,
-                      v: victims.Victim, x_trig: np.ndarray) -> dict:
-  """Metrics of a detect-and-reject defence (flagged inputs get no label, so
-  they count against clean accuracy and never as recovered)."""
-  x_att, y_att = v.attack_set()
+                      v: victims.Victim, held: tuple) -> dict:
+  """BackdoorBench's metrics for a detect-and-reject defence (a flagged input
+  gets no label: it counts against C-Acc and never as recovered)."""
+  x_c, y_c, x_t, y_t = held
   t0 = time.perf_counter()
-  s_trig = score(x_trig)
-  ms = 1e3 * (time.perf_counter() - t0) / len(x_trig)
-  s_clean = score(v.ds.x_test)
-  pred_t, pred_c = v.predict(x_trig), v.predict(v.ds.x_test)
+  s_trig = score(x_t)
+  ms = 1e3 * (time.perf_counter() - t0) / len(x_t)
+  s_clean = score(x_c)
+  pred_t, pred_c = v.predict(x_t), v.predict(x_c)
   out = {"ms_per_image": ms, "roc": _thin(detection.roc(s_clean, s_trig))}
   for f, thr in thresholds.items():
     ft, fc = s_trig > thr, s_clean > thr
     out[f"fpr{f:g}"] = {"tpr": 100 * float(ft.mean()), "fpr_test": 100 * float(fc.mean()),
-                        "ra": 100 * float(np.mean(~ft & (pred_t == y_att))),
+                        "ra": 100 * float(np.mean(~ft & (pred_t == y_t))),
                         "asr_after": 100 * float(np.mean(~ft & (pred_t == v.cfg.target))),
-                        "c_acc_after": 100 * float(np.mean(~fc & (pred_c == v.ds.y_test)))}
+                        "c_acc_after": 100 * float(np.mean(~fc & (pred_c == y_c)))}
   return out
 
 
-def shield_record(sh: shield.Shield, v: victims.Victim, x_trig: np.ndarray | None = None
-                  ) -> dict:
-  x_att, _ = v.attack_set()
-  shield.warm_up(sh, x_att)
-  m = shield.evaluate(sh, v, x_trig)
+def shield_record(sh: shield.Shield, v: victims.Victim, held: tuple) -> dict:
+  x_c, y_c, x_t, y_t = held
+  shield.warm_up(sh, x_t[:64])
+  m, s_clean, s_trig = shield.evaluate(sh, x_c, y_c, x_t, y_t, v.cfg.target,
+                                       return_scores=True)
   m["roc"] = {k: _thin(r) for k, r in m["roc"].items()}
-  return m
+  return m, s_clean, s_trig
+
+
+def resplit_record(sh: shield.Shield, s_val, s_clean, s_trig, n: int, seed: int = 0) -> dict:
+  """The threshold's variability over the defender's validation draw: the
+  combination re-fitted on ``n`` bootstrap re-draws of the validation
+  images' scores, and the test FPR / TPR it gives at each target FPR
+  (10th / 50th / 90th percentiles)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for f in sh.combiners:
+    fp, tp = [], []
+    for _ in range(n):
+      c = combine.fit(s_val[rng.integers(0, len(s_val), len(s_val))], sh.cfg.rule, f)
+      fp.append(100 * np.mean(c.flags(s_clean)))
+      tp.append(100 * np.mean(c.flags(s_trig)))
+    out[f"{f:g}"] = {"fpr_test": np.percentile(fp, [10, 50, 90]).tolist(),
+                     "tpr": np.percentile(tp, [10, 50, 90]).tolist()}
+  return out
+
+
+def peer_records(v: victims.Victim, plan: Plan, x_fit, x_val, held) -> dict:
+  """Every peer of ``plan.peers`` on the same victim and images."""
+  out = {}
+  params = v.params
+  for name in plan.peers:
+    t0 = time.perf_counter()
+    if name == "strip":
+      d = strip.fit(v.apply, x_fit, x_val, plan.strip)
+    elif name == "nc":
+      d = neural_cleanse.fit(v.apply, v.features, x_fit, x_val, v.ds.num_classes, plan.nc)
+    elif name == "scale_up":
+      d = consistency.fit(consistency.ScaleUp(v.classifier.apply, params), x_val)
+    elif name == "teco":
+      d = consistency.fit(consistency.TeCo(v.classifier.apply, params), x_val)
+    elif name == "ibd_psc":
+      d = consistency.fit(consistency.IbdPsc(v.classifier.apply, params), x_val)
+    else:
+      raise ValueError(f"unknown peer {name!r}")
+    fit_s = time.perf_counter() - t0
+    out[name] = evaluate_detector(d.scores, d.thresholds, v, held) | {"fit_s": fit_s}
+    if name == "nc":
+      out[name] |= {"anomaly_index": d.anomaly_index, "suspect": d.suspect,
+                    "infected": bool(d.infected)}
+  return out
 
 
 def victim_run(cfg: victims.VictimConfig, plan: Plan, workdir: str | None,
@@ -103,42 +160,36 @@ def victim_run(cfg: victims.VictimConfig, plan: Plan, workdir: str | None,
   v = victims.build(cfg, workdir=workdir, progress=progress)
   rec = {"victim": dataclasses.asdict(cfg), "threat": victims.threat(v),
          "n_defender": len(v.defender_x)}
+  held = _held_out(v, plan)
+  rec["held_out"] = {"n_clean": len(held[0]), "n_attack": len(held[2])}
   t0 = time.perf_counter()
   sh = _shield_for(v, plan, workdir)
   rec["shield_fit_s"] = time.perf_counter() - t0
-  rec["shield"] = shield_record(sh, v)
-  x_att, _ = v.attack_set()
-  x_trig = v.trigger(x_att)
+  rec["shield"], s_clean, s_trig = shield_record(sh, v, held)
   x_fit, x_val = victims.defender_split(v.defender_x, plan.shield.fit_fraction)
-  st = strip.fit(v.apply, x_fit, x_val, plan.strip)
-  rec["strip"] = evaluate_detector(st.scores, st.thresholds, v, x_trig)
-  t0 = time.perf_counter()
-  ncl = neural_cleanse.fit(v.apply, v.features, x_fit, x_val, v.ds.num_classes, plan.nc)
-  rec["nc"] = evaluate_detector(ncl.scores, ncl.thresholds, v, x_trig)
-  rec["nc"] |= {"fit_s": time.perf_counter() - t0, "anomaly_index": ncl.anomaly_index,
-                "suspect": ncl.suspect, "infected": bool(ncl.infected),
-                "mask_norms": ncl.mask_norms.tolist(), "reversed_asr": ncl.reversed_asr.tolist()}
-  if cfg.rate == plan.rates[0]:
+  rec["resplits"] = resplit_record(sh, sh.module_scores(x_val), s_clean, s_trig, plan.resplits)
+  rec["peers"] = peer_records(v, plan, x_fit, x_val, held)
+  if cfg.rate == plan.rates[0] and plan.defender_sizes:
     sizes = {}
     for n in plan.defender_sizes:
       if n > len(v.defender_x):
         continue
       m = rec["shield"] if n == len(v.defender_x) else shield.evaluate(
-          shield.fit(v, plan.shield, defender_x=v.defender_x[:n]), v)
-      sizes[str(n)] = {"auc": m["roc"]["combined"]["auc"],
-                       **{f"tpr{f:g}": m[f"fpr{f:g}"]["tpr"] for f in (0.01, 0.05)},
-                       **{f"ra{f:g}": m[f"fpr{f:g}"]["ra"] for f in (0.01, 0.05)}}
+          shield.fit(v, plan.shield, defender_x=v.defender_x[:n]), *held, v.cfg.target)
+      sizes[str(n)] = {"auc": m["roc"][plan.shield.rule]["auc"],
+                       **{f"tpr{f:g}": m[f"{plan.shield.rule}{f:g}"]["tpr"] for f in (0.01, 0.05)},
+                       **{f"ra{f:g}": m[f"{plan.shield.rule}{f:g}"]["ra"] for f in (0.01, 0.05)}}
     rec["defender_sizes"] = sizes
   if cfg.trigger in plan.fixed_on and cfg.rate == plan.rates[0]:
-    rec["fixed_point"] = fixed_point_sweep(sh, v, x_val, x_trig, plan.fixed_bits)
+    rec["fixed_point"] = fixed_point_sweep(sh, v, x_val, held, plan.fixed_bits)
   return rec
 
 
-def fixed_point_sweep(sh: shield.Shield, v: victims.Victim, x_val, x_trig, bits) -> list[dict]:
+def fixed_point_sweep(sh: shield.Shield, v: victims.Victim, x_val, held, bits) -> list[dict]:
   """Input-analyzer detection (threshold re-set on the validation split, as a
   deployed datapath would be calibrated) and recovery against word length
   (all three formats at the same width)."""
-  _, y_att = v.attack_set()
+  x_clean, _, x_trig, y_att = held
   ranges = fixed_point.calibrate_ranges(sh.input, x_val)
   out = []
   for b in (*bits, None):
@@ -149,7 +200,7 @@ def fixed_point_sweep(sh: shield.Shield, v: victims.Victim, x_val, x_trig, bits)
       fp = fixed_point.FixedPointAnalyzer(sh.input, fixed_point.FixedPoint(b, b, b), ranges)
       score, rec = fp.score, fp.reconstruct
     thr = detection.threshold_for_fpr(score(x_val), 0.01)
-    s_t, s_c = score(x_trig), score(v.ds.x_test)
+    s_t, s_c = score(x_trig), score(x_clean)
     out.append({"bits": b or 32, "tpr1": 100 * float(np.mean(s_t > thr)),
                 "fpr_test": 100 * float(np.mean(s_c > thr)),
                 "auc": detection.roc(s_c, s_t)["auc"],
@@ -164,16 +215,16 @@ def adaptive_run(dataset: str, plan: Plan, workdir: str | None, progress: bool) 
   v = victims.build(cfg, workdir=workdir, progress=progress)
   sh = _shield_for(v, plan, workdir)
   trig, hist = adaptive.adaptive_trigger(v, sh, plan.adaptive)
-  x_att, _ = v.attack_set()
-  before = shield.evaluate(sh, v, trig(x_att))
+  x_c, y_c, _, y_t = _held_out(v, plan)
+  before = shield.evaluate(sh, x_c, y_c, trig(x_c[y_c != cfg.target]), y_t, cfg.target)
   v2 = victims.build(cfg, workdir=workdir, progress=progress, trigger=trig,
                      tag=cfg.tag + "_adaptive")
   sh2 = shield.fit(v2, plan.shield)
-  rec = shield_record(sh2, v2)
+  rec = shield_record(sh2, v2, _held_out(v2, plan))[0]
   return {"dataset": dataset, "history": hist, "linf": float(np.abs(trig.delta).max()),
           "threat": victims.threat(v2), "shield": rec,
           "on_original_victim": {"asr": before["asr_before"],
-                                 "tpr1": before["fpr0.01"]["tpr"]},
+                                 "tpr1": before[f"{plan.shield.rule}0.01"]["tpr"]},
           "delta": trig.delta[..., 0].round(4).tolist()}
 
 
@@ -227,8 +278,8 @@ def run(plan: Plan, outdir: str, mode: str, progress: bool = True) -> dict:
   cache = RunCache(os.path.join(outdir, "cleann", f"{mode}.json"),
                    meta={"plan": dataclasses.asdict(plan), "code": CODE_VERSION})
   skipped, runs = [], []
-  todo = [(ds, t, r, s) for ds in plan.datasets for t in plan.triggers for r in plan.rates
-          for s in plan.seeds]
+  grid = [(t, r) for t in plan.triggers for r in plan.rates] + list(plan.extra)
+  todo = [(ds, t, r, s) for ds in plan.datasets for t, r in grid for s in plan.seeds]
   for ds, t, r, s in tqdm(todo, desc="cleann victims", disable=not progress):
     cfg = victims.VictimConfig(dataset=ds, model=plan.model, trigger=t, rate=r,
                                steps=plan.steps[ds], seed=s)

@@ -10,7 +10,6 @@ rest sets the thresholds (``defender_split``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any, Callable
 
@@ -21,12 +20,16 @@ from core import data
 from core.models import CLASSIFIERS
 from core.recipes import train_classifier
 from core.train import TrainConfig
-from secure import triggers
+from secure import classifier, triggers
+from secure.cleann import shield
+from secure.classifier import Classifier
 
 TRIGGERS: dict[str, triggers.Trigger] = {
     "patch": triggers.Patch(size=4, corner="br", seed=0),
     "blend": triggers.Blend(alpha=0.1, seed=0),
     "warp": triggers.Warp(strength=1.5, grid=4, seed=0),
+    "sig": triggers.Sinusoid(amplitude=0.08, frequency=6),
+    "patch_anywhere": triggers.RandomPatch(size=6, seed=0),
 }
 
 
@@ -34,7 +37,7 @@ TRIGGERS: dict[str, triggers.Trigger] = {
 class VictimConfig:
   dataset: str = "mnist5k"
   model: str = "cnn"
-  trigger: str = "patch"          # a key of TRIGGERS
+  trigger: str | Callable = "patch"  # a key of TRIGGERS, or any callable images -> images
   rate: float = 0.05              # fraction of the (remaining) training images poisoned
   target: int = 0                 # all-to-one target class
   steps: int = 1500
@@ -44,10 +47,11 @@ class VictimConfig:
   seed: int = 0
 
   def __post_init__(self):
-    if self.trigger not in TRIGGERS:
+    if isinstance(self.trigger, str) and self.trigger not in TRIGGERS:
       raise ValueError(f"unknown trigger {self.trigger!r}; have {sorted(TRIGGERS)}")
-    if self.model not in CLASSIFIERS:
-      raise ValueError(f"unknown model {self.model!r}; have {sorted(CLASSIFIERS)}")
+    if not isinstance(self.trigger, str) and not callable(self.trigger):
+      raise TypeError(f"a trigger is a name in {sorted(TRIGGERS)} or a callable, got "
+                      f"{self.trigger!r}")
     if not 0 <= self.rate < 1:
       raise ValueError(f"poison rate must lie in [0, 1), got {self.rate}")
     if self.defender_images < 2:
@@ -55,31 +59,40 @@ class VictimConfig:
                        f"{self.defender_images}")
 
   @property
+  def trigger_name(self) -> str:
+    """The registry name, or a callable's ``name`` attribute / class name."""
+    t = self.trigger
+    return t if isinstance(t, str) else getattr(t, "name", type(t).__name__).lower()
+
+  @property
   def tag(self) -> str:
-    return f"{self.dataset}_{self.model}_{self.trigger}_{self.rate:g}_s{self.seed}"
+    return f"{self.dataset}_{self.model}_{self.trigger_name}_{self.rate:g}_s{self.seed}"
 
 
 @dataclasses.dataclass
 class Victim:
   cfg: VictimConfig
   params: Any
-  model_config: Any
+  classifier: Classifier        # any model: apply + per-layer features (secure.classifier)
   ds: data.Dataset              # test split: the held-out images every metric uses
   defender_x: np.ndarray        # the defender's benign images (labels never used)
   poisoned_idx: np.ndarray
   trigger: triggers.Trigger
   attacker_x: np.ndarray        # clean training images (not the defender's): the attacker's
 
-  def apply(self, x) -> jax.Array:
-    return _apply(self.cfg.model, self.model_config)(self.params, x)
+  @property
+  def model(self) -> shield.Model:
+    return shield.Model(self.classifier, self.params)
 
-  def features(self, x) -> jax.Array:
-    return _features(self.cfg.model, self.model_config)(self.params, x)
+  def apply(self, x) -> jax.Array:
+    return shield.jit_apply(self.classifier)(self.params, x)
+
+  def features(self, x, layer=None) -> np.ndarray:
+    """Hidden activations at ``layer`` (default: the last hidden layer), flattened."""
+    return self.model.features(x, self.classifier.layers[-1] if layer is None else layer)
 
   def predict(self, x, batch: int = 1000) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return np.concatenate([np.asarray(self.apply(x[i:i + batch]).argmax(-1))
-                           for i in range(0, len(x), batch)]) if len(x) else np.zeros(0, int)
+    return self.model.predict(x, batch)
 
   def attack_set(self) -> tuple[np.ndarray, np.ndarray]:
     """Held-out test images whose label is not the target (and their labels):
@@ -88,23 +101,7 @@ class Victim:
     return self.ds.x_test[keep], self.ds.y_test[keep]
 
 
-@functools.lru_cache(maxsize=None)
-def _apply(model: str, mcfg) -> Callable:
-  return jax.jit(functools.partial(CLASSIFIERS[model].apply, cfg=mcfg))
-
-
-@functools.lru_cache(maxsize=None)
-def _features(model: str, mcfg) -> Callable:
-  return jax.jit(functools.partial(CLASSIFIERS[model].features, cfg=mcfg))
-
-
-def defender_split(x: np.ndarray, fit_fraction: float = 2 / 3) -> tuple[np.ndarray, np.ndarray]:
-  """(images that fit the dictionaries, images that set the thresholds)."""
-  n_fit = int(round(fit_fraction * len(x)))
-  if not 1 <= n_fit < len(x):
-    raise ValueError(f"{len(x)} defender images cannot be split {fit_fraction:.2f} / rest")
-  return x[:n_fit], x[n_fit:]
-
+defender_split = shield.split
 
 def build(cfg: VictimConfig, workdir: str | None = None, progress: bool = True,
           ds: data.Dataset | None = None, trigger: triggers.Trigger | None = None,
@@ -112,17 +109,34 @@ def build(cfg: VictimConfig, workdir: str | None = None, progress: bool = True,
   """Trains (or resumes from ``workdir``) the backdoored victim of ``cfg``
   (``trigger`` replaces the named one, e.g. an adaptive attacker's, saved
   under ``tag``)."""
+  if cfg.model not in CLASSIFIERS:
+    raise ValueError(f"unknown model {cfg.model!r}; have {sorted(CLASSIFIERS)} (a model of "
+                     "your own: train it and use victims.wrap)")
   ds = ds or data.load(cfg.dataset)
   rest, defender_x, _ = data.holdout(ds, cfg.defender_images, seed=cfg.seed)
-  trig = TRIGGERS[cfg.trigger] if trigger is None else trigger
+  trig = (TRIGGERS[cfg.trigger] if isinstance(cfg.trigger, str) else cfg.trigger) \
+      if trigger is None else trigger
   poisoned, idx = triggers.poison(rest, trig, cfg.target, cfg.rate, seed=cfg.seed)
   res = train_classifier(poisoned, cfg.model, TrainConfig(
       steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
       warmup_steps=max(1, cfg.steps // 10), seed=cfg.seed, log_every=max(1, cfg.steps // 20),
       ckpt_every=max(1, cfg.steps // 2)),
       workdir=workdir and os.path.join(workdir, tag or cfg.tag), progress=progress)
-  return Victim(cfg, res.params, res.model_config, ds, defender_x, idx, trig,
-                rest.x_train[:2000])
+  return Victim(cfg, res.params, classifier.from_core(cfg.model, res.model_config), ds,
+                defender_x, idx, trig, rest.x_train[:2000])
+
+
+def wrap(clf: Classifier, params, ds: data.Dataset, defender_x: np.ndarray,
+         trigger: triggers.Trigger, target: int, name: str = "user") -> Victim:
+  """A user's own backdoored classifier as a study victim (``ds``: its held-out
+  test split; ``defender_x``: benign images it never trained on)."""
+  if not callable(trigger):
+    raise TypeError(f"the trigger must be a callable images -> images, got {trigger!r}")
+  cfg = VictimConfig(dataset=ds.name, model=name, trigger=trigger, rate=0.0, target=target,
+                     defender_images=max(2, len(defender_x)))
+  return Victim(dataclasses.replace(cfg, model=name), params, clf, ds,
+                np.asarray(defender_x, np.float32), np.zeros(0, int), trigger,
+                np.zeros((0, *ds.x_train.shape[1:]), np.float32))
 
 
 def threat(v: Victim) -> dict:
