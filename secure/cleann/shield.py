@@ -171,11 +171,13 @@ class Shield:
     out = {k: v for k, v in labels.items() if k in paths}
     if routed:
       s = self.module_scores(x) if s_NxM is None else s_NxM
+      flagged_label = self.model.predict(x)   # the same for every FPR: predicted once
       for f in fprs:
-        out[f"routed{f:g}"] = self._route(x, s, f, images, labels)
+        out[f"routed{f:g}"] = self._route(x, s, f, images, labels, flagged_label)
     return out
 
-  def _route(self, x, s_NxM, fpr: float, images: dict, labels: dict) -> np.ndarray:
+  def _route(self, x, s_NxM, fpr: float, images: dict, labels: dict,
+             flagged_label: np.ndarray) -> np.ndarray:
     """The input-side reconstruction (the patch one where the patch analyzer
     fires on its own, else the envelope's); one whose label is still the
     flagged input's did not remove the trigger, and is purified on the
@@ -186,7 +188,7 @@ class Shield:
     label = np.where(first, labels["patch"], labels.get("envelope", labels["patch"]))
     if not (self.latents and self.cfg.purify is not None):
       return label
-    same = label == self.model.predict(x)
+    same = label == flagged_label
     if same.any():
       label = label.copy()
       label[same] = self.model.predict(self._purify(rec[same]))
