@@ -54,6 +54,14 @@ def test_shield_detects_recovers_and_keeps_its_fpr():
   assert cflag.mean() < 0.12
   victim_acc = np.mean(v.predict(v.ds.x_test[:300]) == v.ds.y_test[:300])
   assert np.mean(clean == v.ds.y_test[:300]) > victim_acc - 0.03
+  # The recovery chain by hand: the patch reconstruction's label where it changed the
+  # flagged label, else the envelope's, else the envelope image purified.
+  x3 = v.trigger(x_att[:3])
+  images = {"patch": x3, "envelope": x3[::-1].copy()}
+  got = sh._route(images, {"patch": np.array([1, 0, 0]), "envelope": np.array([2, 2, 0])},
+                  np.array([0, 0, 0]))
+  assert got[:2].tolist() == [1, 2]
+  assert got[2] == sh.model.predict(sh._purify(images["envelope"][2:]))[0]
   with pytest.raises(ValueError, match="no threshold for FPR 0.1"):
     sh(v.ds.x_test[:2], fpr=0.1)
   with pytest.raises(ValueError, match="NaN or inf"):

@@ -102,12 +102,12 @@ def render(res: dict, outdir: str) -> report.Section:
            for r in runs]))
   parts.append(
       "**Recovery per path** (RA % over every triggered test image if all took the path; "
-      "'routed' is the shield's choice, at 1% FPR: the patch reconstruction where the patch "
-      "analyzer fires on its own, else the envelope-clipped image; either one purified on "
-      "the latent side if the shield still flags it):\n\n" + report.markdown_table(
+      "'routed' is the shield's chain: the patch reconstruction, else (where the victim "
+      "still gives the triggered image's label) the envelope-clipped image, else that one "
+      "purified on the latent side):\n\n" + report.markdown_table(
           ["victim"] + list(r_paths := [p for p in shield.PATHS
-                                        if runs and p in runs[0]["shield"]["paths0.01"]]),
-          [[_name(r)] + [f"{r['shield']['paths0.01'][p]:.1f}" for p in r_paths] for r in runs]))
+                                        if runs and p in runs[0]["shield"]["paths"]]),
+          [[_name(r)] + [f"{r['shield']['paths'][p]:.1f}" for p in r_paths] for r in runs]))
   parts.append(
       "**Combination rule and the threshold's variability.** TPR % at 1% / 5% FPR under the "
       "OR (one per-module level; the baseline) and Fisher's rule, and over "

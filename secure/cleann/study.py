@@ -25,7 +25,7 @@ from secure import combine, detection, sparse
 from secure.cleann import (adaptive, consistency, fixed_point, fpga_model, neural_cleanse,
                            shield, strip, victims)
 
-CODE_VERSION = "cleann-3"
+CODE_VERSION = "cleann-4"
 
 
 @dataclasses.dataclass(frozen=True)

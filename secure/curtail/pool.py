@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from secure import combine
-from secure.curtail import adaptive, defences, residual
+from secure.curtail import adaptive, calibration, defences, residual
 from secure.curtail.victims import Victim
 
 
@@ -47,7 +47,8 @@ class Pool:
     draws it cannot tell apart), each with its combiner from validation."""
     idx = range(len(self.draws)) if draws is None else draws
     return adaptive.Target(self.defence, tuple(
-        (self.draws[i], combine.fit(val_NxM[:, list(self.draws[i])], rule, fpr)) for i in idx))
+        (self.draws[i], combine.fit(val_NxM[:, list(self.draws[i])], rule, fpr,
+                                   p_values=calibration.P_VALUES)) for i in idx))
 
 
 def fit(v: Victim, cfg: defences.CurtailConfig, pool: PoolConfig = PoolConfig()) -> Pool:

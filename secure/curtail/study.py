@@ -150,7 +150,7 @@ def detection_record(d: defences.Defence, val, clean, adv, success, rules=combin
     rec["module_auc"] = {m: detection.roc(clean[:, i], succ[:, i])["auc"]
                          for i, m in enumerate(d.modules)}
   for rule in rules:
-    c = combine.fit(val, rule, FPR)
+    c = combine.fit(val, rule, FPR, p_values=calibration.P_VALUES)
     flag_adv = c.flags(adv) if len(adv) else np.zeros(0, bool)
     r = {"fpr": 100 * float(c.flags(clean).mean()),
          "residual": 100 * float(np.mean(success & ~flag_adv)) if len(adv) else 0.0}
@@ -241,7 +241,7 @@ def adaptive_run(v: victims.Victim, ds: dict, val: dict, clean: dict, plan: Plan
     cfg = dataclasses.replace(plan.adaptive, eps=eps)
     out[str(eps)] = {}
     for k, d in ds.items():
-      c = combine.fit(val[k], rule, FPR)
+      c = combine.fit(val[k], rule, FPR, p_values=calibration.P_VALUES)
       t0 = time.perf_counter()
       xa, evaded = adaptive.attack(adaptive.Target.of(d, c), v.logits_fn, x, y, cfg)
       success = v.predict(xa) != y
