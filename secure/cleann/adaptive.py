@@ -60,7 +60,7 @@ def _shield_score(sh: Shield, x, temperature: float):
     cols.append(jax.nn.sigmoid(out / (temperature * 0.01)).mean(axis=1))
   for layer, lat in sh.latents.items():
     cols.append(purify.latent_residual(
-        functools.partial(shield._layer_features, sh.model.classifier, layer), sh.model.params,
+        functools.partial(shield.layer_features, sh.model.classifier, layer), sh.model.params,
         lat.dictionary, lat.n_nonzero, x))
   return sh.combiners[min(sh.combiners)].statistic(jnp.stack(cols, axis=1))
 

@@ -80,10 +80,12 @@ def jit_apply(clf: Classifier):
 
 @functools.lru_cache(maxsize=None)
 def _jit_features(clf: Classifier, layer: Hashable):
-  return jax.jit(functools.partial(_layer_features, clf, layer))
+  return jax.jit(functools.partial(layer_features, clf, layer))
 
 
-def _layer_features(clf: Classifier, layer, params, x):
+def layer_features(clf: Classifier, layer: Hashable, params, x) -> jax.Array:
+  """``clf``'s features at ``layer``, flattened per image (traceable: the latent
+  dictionaries, purification and the adaptive attacker differentiate through it)."""
   return clf.features(params, x, layer).reshape(x.shape[0], -1)
 
 
@@ -149,7 +151,7 @@ class Shield:
     layer = (self.cfg.purify_layer if self.cfg.purify_layer in self.latents
              else list(self.latents)[-1])
     an = self.latents[layer]
-    return purify.purify(functools.partial(_layer_features, self.model.classifier, layer),
+    return purify.purify(functools.partial(layer_features, self.model.classifier, layer),
                          self.model.params, an.dictionary, an.n_nonzero, x, self.cfg.purify)
 
   def recover_paths(self, x, paths=PATHS) -> dict[str, np.ndarray]:
