@@ -13,7 +13,7 @@ from secure import detection, sparse
 from secure.cleann import adaptive, neural_cleanse, shield, study
 
 FULL = study.Plan(adaptive_on=("mnist5k",))
-# Quick mode is a smoke check of every part in about two minutes: MLP victims
+# Quick mode is a smoke check of every part in about three minutes: MLP victims
 # (the full study's CNN makes Neural Cleanse and the victims several times slower).
 QUICK = study.Plan(datasets=("mnist5k",), model="mlp", triggers=("patch", "blend"),
                    rates=(0.05,), extra=(), steps={"mnist5k": 600},
