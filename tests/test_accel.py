@@ -52,6 +52,27 @@ def test_kmeans_is_deterministic_and_handles_2d_weights_and_duplicates():
   assert np.isfinite(res.centroids).all() and res.inertia == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_kmeans_multi_d_assigns_nearest_centres_and_matches_sklearn(offset):
+  # D > 1 assigns by the |x|^2 - 2x.c + |c|^2 expansion; at offset 1000 (|x|^2 ~ 1.6e7
+  # in float32) that cancels unless the data are centred first.
+  rng = np.random.default_rng(0)
+  centres = 3 * rng.normal(size=(8, 16))
+  x = (offset + centres[rng.integers(0, 8, 3000)] + rng.normal(size=(3000, 16))).astype(np.float32)
+  res = kmeans(x, 8, seed=0)
+  d = ((x[:, None].astype(np.float64) - res.centroids[None]) ** 2).sum(-1)
+  # Every label is the nearest centre (up to float ties) and the inertia is exact.
+  np.testing.assert_allclose(d[np.arange(len(x)), res.labels], d.min(1), rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(res.inertia, d.min(1).sum(), rtol=1e-4)
+  assert np.all(np.diff(res.history) <= 1e-4 * res.history[0])
+  sk = KMeans(8, n_init=1, random_state=0).fit(x)
+  assert res.inertia <= 1.05 * sk.inertia_
+  # More clusters than distinct points: relocation leaves no NaN in D > 1 either.
+  two = np.repeat(np.array([[0.0, 1.0], [2.0, 3.0]], np.float32), 20, 0)
+  r2 = kmeans(two, 3)
+  assert np.isfinite(r2.centroids).all() and r2.inertia == pytest.approx(0.0, abs=1e-6)
+
+
 @pytest.mark.parametrize("kwargs, match", [({"k": 0}, "k=0"), ({"k": 11}, "k=11"),
                                            ({"k": 2, "weights": -np.ones(10)}, "weights")])
 def test_kmeans_rejects_bad_arguments(kwargs, match):
