@@ -223,3 +223,15 @@ def test_classifiers_shape_and_input_check(name, shape):
 def test_unknown_classifier_is_a_clear_error():
   with pytest.raises(ValueError, match="Unknown classifier 'resnet'"):
     classifier_config("resnet", (8, 8, 1), 10)
+
+
+@pytest.mark.parametrize("shape", [(3, 28, 28, 4), (2, 7, 9, 3)])
+def test_max_pool_equals_reduce_window_values_and_gradient(shape):
+  # The reshape-and-max pooling against XLA's reduce_window (VALID, 2x2, stride 2) and
+  # its select-and-scatter gradient; normal draws have no tied maxima.
+  x = jax.random.normal(jax.random.key(0), shape)
+  ref = lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                        "VALID")
+  np.testing.assert_array_equal(cnn.max_pool_2x2(x), ref(x))
+  g = jax.random.normal(jax.random.key(1), ref(x).shape)
+  np.testing.assert_array_equal(jax.vjp(cnn.max_pool_2x2, x)[1](g)[0], jax.vjp(ref, x)[1](g)[0])

@@ -54,8 +54,17 @@ def conv2d(x_BxHxWxC: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arra
 
 
 def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
-  return jax.lax.reduce_window(x_BxHxWxC, -jnp.inf, jax.lax.max,
-                               (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+  """2x2 max pooling, stride 2, an odd last row/column dropped ("VALID").
+
+  A reshape and a max rather than ``reduce_window``: the same values, but the
+  gradient is an element-wise mask instead of XLA:CPU's select-and-scatter,
+  which took 55 ms of a 123 ms input gradient on 256 MNIST images (every attack
+  and adaptive attacker on the CNN pays it each step). Where a window holds tied
+  maxima the gradient is shared among them instead of going to the first; after
+  a ReLU the only ties in practice are zeros, whose gradient the ReLU stops."""
+  b, h, w, c = x_BxHxWxC.shape
+  x = x_BxHxWxC[:, :h - h % 2, :w - w % 2]
+  return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
 def features(params: dict, x: jax.Array, cfg: CNNConfig, layer: int = -1) -> jax.Array:
