@@ -15,6 +15,7 @@ import dataclasses
 from absl import app, flags, logging
 
 from core import report
+from experiments import compile_flags
 from secure.cleann import section, victims
 
 _FULL = flags.DEFINE_bool("full", False, "Full mode (both datasets, five triggers, blend at 1%).")
@@ -26,6 +27,7 @@ _DATASETS = flags.DEFINE_list("datasets", [], "Subset of mnist5k, fashion_mnist.
 
 def main(argv):
   del argv
+  compile_flags.setup()
   logging.set_verbosity(logging.WARNING)
   plan = section.FULL if _FULL.value else section.QUICK
   over = {}

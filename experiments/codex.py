@@ -23,6 +23,7 @@ from accel.codex import encoding, fpga
 from accel.codex.encoding import BitConfig
 from accel.program import linear_layers, program
 from core import data, report
+from experiments import compile_flags
 
 _FULL = flags.DEFINE_bool("full", False, "Study: full mode (default: quick).")
 _OUTDIR = flags.DEFINE_string("outdir", "results/codex_study", "Where reports and models go.")
@@ -74,6 +75,7 @@ def compile_one() -> None:
 
 def main(argv):
   del argv
+  compile_flags.setup()
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   if _MODEL.value:
     try:

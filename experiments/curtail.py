@@ -19,6 +19,7 @@ from absl import app, flags, logging
 
 from core import report
 from core.models import CLASSIFIERS
+from experiments import compile_flags
 from secure.curtail import section, study
 
 _FULL = flags.DEFINE_bool("full", False, "Full mode (two datasets x MLP and CNN).")
@@ -29,6 +30,7 @@ _ATTACKS = flags.DEFINE_list("attacks", [], f"Subset of {sorted(study.ATTACKS)}.
 
 def main(argv):
   del argv
+  compile_flags.setup()
   logging.set_verbosity(logging.WARNING)
   plan = section.FULL if _FULL.value else section.QUICK
   over = {}

@@ -12,6 +12,7 @@ from absl import app, flags, logging
 
 from accel import section
 from core import report
+from experiments import compile_flags
 
 _FULL = flags.DEFINE_bool("full", False, "The full study (default: quick mode, mnist5k MLP "
                           "only, a 3x3 grid, short retraining).")
@@ -21,6 +22,7 @@ _OUTDIR = flags.DEFINE_string("outdir", "results/rapidnn_study",
 
 def main(argv):
   del argv
+  compile_flags.setup()
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   report.write_report_or_exit(f"{_OUTDIR.value}/REPORT.md", [("rapidnn", section.section)],
                               quick=not _FULL.value, outdir=_OUTDIR.value, echo=True)

@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from accel import section as rapidnn_section
 from accel.codex import section as codex_section
 from core import baselines, report
+from experiments import compile_flags
 from secure.cleann import section as cleann_section
 from secure.curtail import section as curtail_section
 from spd_jax import latency_report, study
@@ -36,6 +37,7 @@ SECTIONS: list[tuple[str, report.SectionFn]] = [
 
 def main(argv):
   del argv
+  compile_flags.setup()
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   chosen = [(n, f) for n, f in SECTIONS if not _ONLY.value or n in _ONLY.value]
   unknown = set(_ONLY.value) - {n for n, _ in SECTIONS}

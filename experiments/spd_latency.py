@@ -9,6 +9,7 @@ import dataclasses
 
 from absl import app, flags, logging
 
+from experiments import compile_flags
 from spd_jax import latency_bench, latency_report
 
 _N = flags.DEFINE_list("num_processes", ["2", "4"], "Process counts (TP sizes) to measure.")
@@ -19,6 +20,7 @@ _OUTDIR = flags.DEFINE_string("outdir", "results/spd_latency", "Output folder.")
 
 def main(argv):
   del argv
+  compile_flags.setup()
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   bench = latency_bench.FULL if _FULL.value else latency_bench.QUICK
   if _REPEATS.value:

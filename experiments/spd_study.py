@@ -15,6 +15,7 @@ import dataclasses
 from absl import app, flags, logging
 
 from core import report
+from experiments import compile_flags
 from spd_jax import study
 
 _CONFIG = flags.DEFINE_enum("config", None, list(study.CONFIGS),
@@ -34,6 +35,7 @@ _B2B_STEPS = flags.DEFINE_integer("b2b_steps", None, "B2B distillation steps per
 
 def main(argv):
   del argv
+  compile_flags.setup()
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   name = _CONFIG.value or ("deep" if _FULL.value else "quick")
   cfg = study.CONFIGS[name]

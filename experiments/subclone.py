@@ -14,6 +14,7 @@ Finished runs are cached under <outdir>/subclone/, so a rerun resumes.
 from absl import app, flags, logging
 
 from core import report
+from experiments import compile_flags
 from subclone import section
 
 _FULL = flags.DEFINE_bool("full", False, "The full study (default: quick mode, small "
@@ -28,6 +29,7 @@ _OUTDIR = flags.DEFINE_string("outdir", "results/subclone_study",
 
 def main(argv):
   del argv
+  compile_flags.setup()
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   if _MINILM.value:
     report.write_report_or_exit(f"{_OUTDIR.value}/REPORT_minilm.md",

@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from core import data, models
 from core.recipes import train_classifier
 from core.train import TrainConfig
+from experiments import compile_flags
 
 _DATASET = flags.DEFINE_enum("dataset", "mnist5k", ["digits", "mnist5k", "fashion_mnist"],
                              "Image dataset.")
@@ -32,6 +33,7 @@ _FASHION_DIR = flags.DEFINE_string("fashion_mnist_dir", None,
 
 def main(argv):
   del argv
+  compile_flags.setup()
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   kwargs = {"data_dir": _FASHION_DIR.value} if _DATASET.value == "fashion_mnist" else {}
   cfg = TrainConfig(steps=_STEPS.value, batch_size=_BATCH.value, lr=_LR.value,

@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from core.models import lm
 from core.recipes import train_lm
 from core.train import TrainConfig
+from experiments import compile_flags
 
 _D = flags.DEFINE_integer("d_model", 256, "Model width.")
 _L = flags.DEFINE_integer("n_layers", 4, "Blocks.")
@@ -32,6 +33,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, sum
 
 def main(argv):
   del argv
+  compile_flags.setup()
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   model_cfg = lm.LMConfig(d_model=_D.value, n_layers=_L.value, n_heads=_H.value,
                           n_kv_heads=_KV.value, d_ff=_F.value, max_seq_len=_CTX.value)
