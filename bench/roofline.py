@@ -1,0 +1,102 @@
+"""This machine's roofline, measured: what XLA:CPU reaches on a dense matmul
+(float32, and bfloat16 to see whether it is native), streaming memory bandwidth,
+and the loopback collective's latency and bandwidth across real processes.
+
+Each probe is one callable returning a record; ``bench.hotpaths`` interleaves
+them with the hot paths they judge, so drift hits both sides.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MATMUL_SIZES = (256, 512, 1024, 2048)
+STREAM_FLOATS = 1 << 25            # 128 MiB per array: far beyond any cache here
+AR_SIZES = (256, 4096, 65536, 262144, 1048576)  # float32 elements per all-reduce
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+  """Median wall seconds of ``fn()`` (its outputs blocked on) over ``repeats`` calls."""
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def threads() -> dict:
+  """The cores this process may use (XLA:CPU sizes its intra-op pool to them)."""
+  return {"cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0))}
+
+
+def matmul_probe(n: int, dtype: str = "float32") -> Callable[[], dict]:
+  """A jitted (n, n) @ (n, n) in ``dtype``; the returned callable times one
+  call and reports FLOP/s (2 n^3 per product)."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal((n, n)), dtype)
+  b = jnp.asarray(rng.standard_normal((n, n)), dtype)
+  f = jax.jit(jnp.matmul)
+  jax.block_until_ready(f(a, b))   # compile outside the timing
+
+  def probe(repeats: int = 3) -> dict:
+    s = median_time(lambda: f(a, b), repeats)
+    return {"probe": f"matmul {dtype} {n}", "seconds": s, "flops": 2.0 * n ** 3,
+            "flop_per_s": 2.0 * n ** 3 / s}
+  return probe
+
+
+def stream_probe(n: int = STREAM_FLOATS) -> Callable[[], dict]:
+  """STREAM's triad, a = b + s * c, jitted: 3 x 4 n bytes moved per call (two
+  reads, one write; XLA writes a fresh buffer, so there is no write-allocate read)."""
+  b = jnp.ones((n,), jnp.float32)
+  c = jnp.full((n,), 2.0, jnp.float32)
+  f = jax.jit(lambda b, c: b + 3.0 * c)
+  jax.block_until_ready(f(b, c))
+
+  def probe(repeats: int = 3) -> dict:
+    s = median_time(lambda: f(b, c), repeats)
+    return {"probe": "stream triad", "seconds": s, "bytes": 12.0 * n, "bytes_per_s": 12.0 * n / s}
+  return probe
+
+
+def collective_worker(sizes: tuple[int, ...], repeats: int) -> dict:
+  """Runs in each process (one device each): median seconds of a float32 psum
+  per message size, every process on the same schedule so the collectives pair."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()), ("x",))
+  out = {}
+  for n_el in sizes:
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("x")),
+                                               np.ones((1, n_el), np.float32))
+    f = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, "x"), mesh=mesh, in_specs=P("x"),
+                              out_specs=P()))
+    jax.block_until_ready(f(x))
+    out[n_el * 4] = median_time(lambda: f(x), repeats)
+  return out
+
+
+def collective(num_processes: int = 2, sizes: tuple[int, ...] = AR_SIZES, repeats: int = 9,
+               pin: bool = True) -> dict:
+  """Loopback all-reduce across ``num_processes`` gloo processes (pinned one per
+  core when the machine has that many), fitted to the ring model
+  t = 2(N-1) alpha + 2(N-1)/N M / beta (``spd_jax.latency_model.fit_alpha_beta``)."""
+  from core import multiprocess
+  from spd_jax import latency_model
+  cores = sorted(os.sched_getaffinity(0))
+  cpus = [{c} for c in cores[:num_processes]] if pin and len(cores) >= num_processes else None
+  res = multiprocess.launch("bench.roofline:collective_worker", num_processes, local_devices=1,
+                            args={"sizes": tuple(sizes), "repeats": repeats}, timeout=300,
+                            cpus=cpus)
+  secs = {m: max(r[m] for r in res) for m in res[0]}   # a step ends with the slowest process
+  alpha, beta = latency_model.fit_alpha_beta(list(secs), list(secs.values()), num_processes)
+  return {"processes": num_processes, "pinned": cpus is not None,
+          "seconds_by_bytes": {int(k): v for k, v in secs.items()},
+          "alpha_s": alpha, "beta_bytes_per_s": beta}
