@@ -156,6 +156,25 @@ def rapidnn(batch: int = 64) -> HotPath:
                  f"{batch} images, {macs / batch / 1e6:.2f} M lookups each", cold)
 
 
+def codex(batch: int = 64) -> HotPath:
+  """CodeX's encoded datapath on the MNIST CNN (4-bit weights and activations):
+  decode, multiply-accumulate, re-encode; judged by its matmul/conv FLOPs."""
+  from accel import program, rapidnn as rp
+  from accel.codex import encoding
+  from core.models import cnn
+  cfg = cnn.CNNConfig(input_shape=(28, 28, 1), num_classes=10)
+  params = cnn.init(jax.random.key(0), cfg)
+  ops = program.program("cnn", cfg)
+  x = np.random.default_rng(0).uniform(size=(batch, 28, 28, 1)).astype(np.float32)
+  cb = rp.build(params, ops, x, rp.RapidConfig(u=16, w=16, calib_points=4096))
+  xj = jnp.asarray(x)
+  fn = lambda: encoding._emulate(cb, xj, ops)
+  cnt = flops_lib.flops(lambda x: encoding._emulate(cb, x, ops), xj)
+  cold = _cold(fn)
+  return HotPath("CodeX encoded datapath (CNN, 4 bits)", fn, cnt, 0.0, "matmul",
+                 f"{batch} images", cold)
+
+
 BUILDERS: dict[str, Callable[[], HotPath | None]] = {
     "lm_train_step": lm_train_step, "tp_forward": tp_forward, "omp": omp, "kmeans": kmeans,
-    "pgd": pgd, "rapidnn": rapidnn}
+    "pgd": pgd, "rapidnn": rapidnn, "codex": codex}
