@@ -137,9 +137,9 @@ def pgd(batch: int = 256, steps: int = 20) -> HotPath:
                  cold)
 
 
-def rapidnn(batch: int = 64) -> HotPath:
-  """RAPIDNN's lookup datapath on the MNIST CNN (16 x 16 clusters): no
-  multiplies, so it is judged by its memory traffic (XLA's estimate)."""
+def _cnn_codebook(batch: int):
+  """The MNIST CNN (random weights: the work does not depend on them), its op
+  list, a 16 x 16-cluster codebook fitted on ``batch`` uniform images, and them."""
   from accel import program, rapidnn as rp
   from core.models import cnn
   cfg = cnn.CNNConfig(input_shape=(28, 28, 1), num_classes=10)
@@ -147,7 +147,15 @@ def rapidnn(batch: int = 64) -> HotPath:
   ops = program.program("cnn", cfg)
   x = np.random.default_rng(0).uniform(size=(batch, 28, 28, 1)).astype(np.float32)
   cb = rp.build(params, ops, x, rp.RapidConfig(u=16, w=16, calib_points=4096))
-  xj = jnp.asarray(x)
+  return cfg, params, ops, cb, jnp.asarray(x)
+
+
+def rapidnn(batch: int = 64) -> HotPath:
+  """RAPIDNN's lookup datapath on the MNIST CNN (16 x 16 clusters): no
+  multiplies, so it is judged by its memory traffic (XLA's estimate)."""
+  from accel import rapidnn as rp
+  from core.models import cnn
+  cfg, params, ops, cb, xj = _cnn_codebook(batch)
   fn = lambda: rp._emulate(cb, xj, ops, None, 4)
   nbytes = _bytes(jax.jit(lambda cb, x: rp._emulate(cb, x, ops, None, 4)), cb, xj)
   cold = _cold(fn)
@@ -159,15 +167,8 @@ def rapidnn(batch: int = 64) -> HotPath:
 def codex(batch: int = 64) -> HotPath:
   """CodeX's encoded datapath on the MNIST CNN (4-bit weights and activations):
   decode, multiply-accumulate, re-encode; judged by its matmul/conv FLOPs."""
-  from accel import program, rapidnn as rp
   from accel.codex import encoding
-  from core.models import cnn
-  cfg = cnn.CNNConfig(input_shape=(28, 28, 1), num_classes=10)
-  params = cnn.init(jax.random.key(0), cfg)
-  ops = program.program("cnn", cfg)
-  x = np.random.default_rng(0).uniform(size=(batch, 28, 28, 1)).astype(np.float32)
-  cb = rp.build(params, ops, x, rp.RapidConfig(u=16, w=16, calib_points=4096))
-  xj = jnp.asarray(x)
+  _, _, ops, cb, xj = _cnn_codebook(batch)
   fn = lambda: encoding._emulate(cb, xj, ops)
   cnt = flops_lib.flops(lambda x: encoding._emulate(cb, x, ops), xj)
   cold = _cold(fn)
