@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Callable
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import flops as flops_lib
+from bench import roofline
 
 
 @dataclasses.dataclass
@@ -42,12 +42,6 @@ def _bytes(jitted, *args) -> float:
   return float((ca or {}).get("bytes accessed", 0.0))
 
 
-def _cold(fn: Callable[[], object]) -> float:
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - t0
-
-
 def lm_train_step(batch: int = 16) -> HotPath:
   """One AdamW step of the 16-block SPD study model (``spd_jax.study.DEEP``'s
   recipe: d=128, 8 heads, SwiGLU 384, sequences of 128 bytes)."""
@@ -63,7 +57,7 @@ def lm_train_step(batch: int = 16) -> HotPath:
   b = {"tokens": tokens}
   hp = {"lr": np.float32(1e-3), "wd": np.float32(0.01), "clip": np.float32(1.0)}
   n = flops_lib.flops(step, state, b, hp)
-  cold = _cold(lambda: step(state, b, hp))
+  cold = roofline.timed(lambda: step(state, b, hp))
   return HotPath("LM training step", lambda: step(state, b, hp), n, _bytes(step, state, b, hp),
                  "matmul", f"{batch} x {cfg.max_seq_len} tokens, 16 blocks d=128", cold)
 
@@ -83,7 +77,7 @@ def tp_forward(tp: int = 2, batch: int = 8) -> HotPath | None:
   fwd = tp_lib.make_forward(cfg, mesh)
   n = flops_lib.flops(functools.partial(lm.apply, cfg=cfg), lm.init(jax.random.key(0), cfg),
                       jnp.zeros((batch, cfg.max_seq_len), jnp.int32))
-  cold = _cold(lambda: fwd(params, tokens))
+  cold = roofline.timed(lambda: fwd(params, tokens))
   return HotPath(f"TP forward (TP={tp}, fake devices)", lambda: fwd(params, tokens), n, 0.0,
                  "matmul", f"{batch} x {cfg.max_seq_len} tokens", cold,
                  note="the devices share this machine's cores")
@@ -99,7 +93,7 @@ def omp(n: int = 4096, features: int = 64, atoms: int = 256, n_nonzero: int = 8)
   tol = jnp.float32(-1.0)
   f = functools.partial(sparse._omp, n_nonzero=n_nonzero)
   cnt = flops_lib.flops(lambda x, d, t: sparse.omp_traced(x, d, n_nonzero, t), x, d, tol)
-  cold = _cold(lambda: f(x, d, tol=tol))
+  cold = roofline.timed(lambda: f(x, d, tol=tol))
   return HotPath("batched OMP (CLEANN)", lambda: f(x, d, tol=tol), cnt, 0.0, "matmul",
                  f"{n} signals, {features} features, {atoms} atoms, {n_nonzero} nonzeros", cold)
 
@@ -110,7 +104,7 @@ def kmeans(n: int = 20000, dim: int = 16, k: int = 64) -> HotPath:
   times the iterations run, seeding left out."""
   from accel import kmeans as km
   x = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
-  cold = _cold(lambda: km.kmeans(x, k, seed=0).centroids)
+  cold = roofline.timed(lambda: km.kmeans(x, k, seed=0).centroids)
   iters = km.kmeans(x, k, seed=0).n_iter
   n_pad = max(4096, 1 << (n - 1).bit_length())
   return HotPath("k-means (multi-D)", lambda: km.kmeans(x, k, seed=0).centroids,
@@ -132,7 +126,7 @@ def pgd(batch: int = 256, steps: int = 20) -> HotPath:
   fn = lambda: attacks._pgd(logits_fn, x, y, 0.1, 0.01, steps, "linf", jax.random.key(0))
   cnt = flops_lib.flops(lambda x: attacks._pgd(logits_fn, x, y, 0.1, 0.01, steps, "linf",
                                                jax.random.key(0)), x)
-  cold = _cold(fn)
+  cold = roofline.timed(fn)
   return HotPath("PGD attack (CNN)", fn, cnt, 0.0, "matmul", f"{batch} images x {steps} steps",
                  cold)
 
@@ -158,7 +152,7 @@ def rapidnn(batch: int = 64) -> HotPath:
   cfg, params, ops, cb, xj = _cnn_codebook(batch)
   fn = lambda: rp._emulate(cb, xj, ops, None, 4)
   nbytes = _bytes(jax.jit(lambda cb, x: rp._emulate(cb, x, ops, None, 4)), cb, xj)
-  cold = _cold(fn)
+  cold = roofline.timed(fn)
   macs = flops_lib.flops(lambda x: cnn.apply(params, x, cfg), xj) / 2
   return HotPath("RAPIDNN lookup emulator (CNN)", fn, 0.0, nbytes, "memory",
                  f"{batch} images, {macs / batch / 1e6:.2f} M lookups each", cold)
@@ -171,7 +165,7 @@ def codex(batch: int = 64) -> HotPath:
   _, _, ops, cb, xj = _cnn_codebook(batch)
   fn = lambda: encoding._emulate(cb, xj, ops)
   cnt = flops_lib.flops(lambda x: encoding._emulate(cb, x, ops), xj)
-  cold = _cold(fn)
+  cold = roofline.timed(fn)
   return HotPath("CodeX encoded datapath (CNN, 4 bits)", fn, cnt, 0.0, "matmul",
                  f"{batch} images", cold)
 

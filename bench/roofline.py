@@ -22,14 +22,16 @@ STREAM_FLOATS = 1 << 25            # 128 MiB per array: far beyond any cache her
 AR_SIZES = (256, 4096, 65536, 262144, 1048576)  # float32 elements per all-reduce
 
 
+def timed(fn: Callable[[], object]) -> float:
+  """Wall seconds of one call ``fn()``, its outputs blocked on."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> float:
-  """Median wall seconds of ``fn()`` (its outputs blocked on) over ``repeats`` calls."""
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
+  """Median of ``timed(fn)`` over ``repeats`` calls."""
+  return statistics.median(timed(fn) for _ in range(repeats))
 
 
 def threads() -> dict:

@@ -9,18 +9,11 @@ collective (separate processes) runs once, before the rounds.
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable
 
 import jax
 
 from bench import hotpaths, roofline
-
-
-def _time(fn: Callable[[], object]) -> float:
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - t0
 
 
 def run(paths: tuple[str, ...] = tuple(hotpaths.BUILDERS), rounds: int = 5,
@@ -64,7 +57,7 @@ def run(paths: tuple[str, ...] = tuple(hotpaths.BUILDERS), rounds: int = 5,
       if k in probes:
         times[k].append(probes[k](1)["seconds"])
       else:
-        times[k].append(_time(units[k]))
+        times[k].append(roofline.timed(units[k]))
   med = {k: statistics.median(v) for k, v in times.items()}
   out["probes"] = [dict(info[k], probe=k, seconds=med[k],
                         rate=info[k].get("flops", info[k].get("bytes", 0)) / med[k])
