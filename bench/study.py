@@ -28,7 +28,9 @@ def run(paths: tuple[str, ...] = tuple(hotpaths.BUILDERS), rounds: int = 5,
   if rounds < 1:
     raise ValueError(f"rounds must be >= 1, got {rounds}")
   out: dict = {"threads": roofline.threads(), "devices": jax.device_count(),
-               "jax": jax.__version__}
+               "jax": jax.__version__,
+               "compile_cache": bool(jax.config.jax_enable_compilation_cache
+                                     and jax.config.jax_compilation_cache_dir)}
   if collective:
     progress("loopback collective")
     out["collective"] = roofline.collective()
@@ -90,7 +92,9 @@ def render(rec: dict) -> str:
   th = rec["threads"]
   lines = [f"Machine: {th['affinity']} cores usable ({th['cpu_count']} reported), "
            f"{rec['devices']} JAX device(s) in this process, jax {rec['jax']}; "
-           f"medians of {rec['rounds']} interleaved rounds.", "",
+           f"medians of {rec['rounds']} interleaved rounds. Cold = a path's first call: "
+           + ("compilation, or a load where the persistent compilation cache held it."
+              if rec.get("compile_cache") else "compilation (persistent cache off)."), "",
            "| probe | seconds | rate |", "|---|---|---|"]
   for p in rec["probes"]:
     rate = (f"{p['rate'] / 1e9:.1f} GFLOP/s" if p["kind"] == "matmul"
