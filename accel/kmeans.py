@@ -45,12 +45,12 @@ def _argmin_rows(d_NxK: jax.Array) -> jax.Array:
   return idx[:, 0]
 
 
-def _plusplus(x_NxD, w_N, key, k, k_max: int):
+def _plusplus(x_NxD, xx_N, w_N, key, k, k_max: int):
   """Greedy k-means++ (scikit-learn's seeding): each step draws 2 + ln(k)
   candidates with probability ~ w * D^2 and keeps the one that lowers the
-  potential most. ``k`` may be traced (<= ``k_max``); rows k.. stay +inf."""
+  potential most. ``k`` may be traced (<= ``k_max``); rows k.. stay +inf.
+  ``xx_N``: the points' squared norms (the assignment's, computed once)."""
   n = x_NxD.shape[0]
-  xx_N = jnp.sum(x_NxD ** 2, -1)
   t_max = 2 + int(np.log(k_max))
   trials = 2 + jnp.floor(jnp.log(k.astype(jnp.float32)) + 1e-6).astype(jnp.int32)
   keys = jax.random.split(key, k_max)
@@ -84,7 +84,7 @@ def _kmeans(x_NxD, w_N, key, tol, k, k_max: int, max_iter: int):
   k.. are +inf, so they never win an assignment and never relocate."""
   active = jnp.arange(k_max) < k
   xx_N = jnp.sum(x_NxD ** 2, -1)
-  c0 = _plusplus(x_NxD, w_N, key, k, k_max)
+  c0 = _plusplus(x_NxD, xx_N, w_N, key, k, k_max)
   n_top = min(k_max, x_NxD.shape[0])
 
   def assign(c):

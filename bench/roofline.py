@@ -2,12 +2,13 @@
 (float32, and bfloat16 to see whether it is native), streaming memory bandwidth,
 and the loopback collective's latency and bandwidth across real processes.
 
-Each probe is one callable returning a record; ``bench.hotpaths`` interleaves
-them with the hot paths they judge, so drift hits both sides.
+Each probe is a compiled unit of work and what it does; ``bench.study`` times
+them interleaved with the hot paths they judge, so drift hits both sides.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -39,34 +40,30 @@ def threads() -> dict:
   return {"cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0))}
 
 
-def matmul_probe(n: int, dtype: str = "float32") -> Callable[[], dict]:
-  """A jitted (n, n) @ (n, n) in ``dtype``; the returned callable times one
-  call and reports FLOP/s (2 n^3 per product)."""
+@dataclasses.dataclass(frozen=True)
+class Probe:
+  run: Callable[[], object]   # one call, timed by the caller
+  info: dict                  # kind ("matmul" / "stream"), its work (flops or bytes), sizes
+
+
+def matmul_probe(n: int, dtype: str = "float32") -> Probe:
+  """A jitted (n, n) @ (n, n) in ``dtype``, compiled here: 2 n^3 FLOPs per call."""
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.standard_normal((n, n)), dtype)
   b = jnp.asarray(rng.standard_normal((n, n)), dtype)
   f = jax.jit(jnp.matmul)
   jax.block_until_ready(f(a, b))   # compile outside the timing
-
-  def probe(repeats: int = 3) -> dict:
-    s = median_time(lambda: f(a, b), repeats)
-    return {"probe": f"matmul {dtype} {n}", "seconds": s, "flops": 2.0 * n ** 3,
-            "flop_per_s": 2.0 * n ** 3 / s}
-  return probe
+  return Probe(lambda: f(a, b), {"kind": "matmul", "dtype": dtype, "n": n, "flops": 2.0 * n ** 3})
 
 
-def stream_probe(n: int = STREAM_FLOATS) -> Callable[[], dict]:
+def stream_probe(n: int = STREAM_FLOATS) -> Probe:
   """STREAM's triad, a = b + s * c, jitted: 3 x 4 n bytes moved per call (two
   reads, one write; XLA writes a fresh buffer, so there is no write-allocate read)."""
   b = jnp.ones((n,), jnp.float32)
   c = jnp.full((n,), 2.0, jnp.float32)
   f = jax.jit(lambda b, c: b + 3.0 * c)
   jax.block_until_ready(f(b, c))
-
-  def probe(repeats: int = 3) -> dict:
-    s = median_time(lambda: f(b, c), repeats)
-    return {"probe": "stream triad", "seconds": s, "bytes": 12.0 * n, "bytes_per_s": 12.0 * n / s}
-  return probe
+  return Probe(lambda: f(b, c), {"kind": "stream", "bytes": 12.0 * n})
 
 
 def collective_worker(sizes: tuple[int, ...], repeats: int) -> dict:

@@ -34,36 +34,28 @@ def run(paths: tuple[str, ...] = tuple(hotpaths.BUILDERS), rounds: int = 5,
   if collective:
     progress("loopback collective")
     out["collective"] = roofline.collective()
-  probes: dict[str, Callable[[], object]] = {}
-  info: dict[str, dict] = {}
+  probes: dict[str, roofline.Probe] = {}
   for n in matmul_sizes:
     for dt in ("float32",) + (("bfloat16",) if bf16 else ()):
-      p = roofline.matmul_probe(n, dt)
-      name = f"matmul {dt} {n}"
-      probes[name], info[name] = p, {"kind": "matmul", "dtype": dt, "n": n, "flops": 2.0 * n ** 3}
+      probes[f"matmul {dt} {n}"] = roofline.matmul_probe(n, dt)
   probes["stream triad"] = roofline.stream_probe(stream_floats)
-  info["stream triad"] = {"kind": "stream", "bytes": 12.0 * stream_floats}
   built: dict[str, hotpaths.HotPath] = {}
   for name in paths:
     progress(f"building {name}")
     hp = hotpaths.BUILDERS[name]()
     if hp is not None:
       built[name] = hp
-  times: dict[str, list[float]] = {k: [] for k in (*probes, *built)}
-  units = {**{k: (lambda p=p: p(1)) for k, p in probes.items()},
-           **{k: hp.run for k, hp in built.items()}}
+  units = {**{k: p.run for k, p in probes.items()}, **{k: hp.run for k, hp in built.items()}}
+  times: dict[str, list[float]] = {k: [] for k in units}
   order = list(units)
   for r in range(rounds):
     progress(f"round {r + 1}/{rounds}")
     for k in order[r % len(order):] + order[:r % len(order)]:   # rotate the order
-      if k in probes:
-        times[k].append(probes[k](1)["seconds"])
-      else:
-        times[k].append(roofline.timed(units[k]))
+      times[k].append(roofline.timed(units[k]))
   med = {k: statistics.median(v) for k, v in times.items()}
-  out["probes"] = [dict(info[k], probe=k, seconds=med[k],
-                        rate=info[k].get("flops", info[k].get("bytes", 0)) / med[k])
-                   for k in probes]
+  out["probes"] = [dict(p.info, probe=k, seconds=med[k],
+                        rate=p.info.get("flops", p.info.get("bytes", 0)) / med[k])
+                   for k, p in probes.items()]
   f32 = [p for p in out["probes"] if p.get("dtype") == "float32"]
   bf = [p for p in out["probes"] if p.get("dtype") == "bfloat16"]
   peak = max(f32, key=lambda p: p["rate"])
