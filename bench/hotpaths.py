@@ -172,6 +172,49 @@ def codex(batch: int = 64) -> HotPath:
                  f"{batch} images", cold)
 
 
+def _curtail(batch: int, reduced: int):
+  """CuRTAIL's fused MRR defender at its defaults on the paper's MNIST MLP
+  (784-300-100-10): two latent modules (the last two hidden layers, PCA to
+  ``reduced`` dimensions, one Gaussian per class), the class-conditional input
+  module (8x8 patches, 64 atoms, OMP with 4 nonzeros, the victim run again on
+  the denoised image) and the label-free residual module (4x4 patches, 32
+  atoms, 3 nonzeros), as (spec, arrays, images). Arrays are random of the
+  fitted shapes: the work does not depend on their values (OMP runs a fixed
+  number of steps)."""
+  from core.models import mlp
+  from secure.classifier import from_core
+  from secure.curtail import input_defender, modules, residual
+  cfg = mlp.MLPConfig(input_shape=(28, 28, 1), num_classes=10)
+  clf = from_core("mlp", cfg)
+  params = mlp.init(jax.random.key(0), cfg)
+  rng = np.random.default_rng(0)
+  f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  unit = lambda a: a / jnp.linalg.norm(a, axis=-1, keepdims=True)
+  icfg, rcfg = input_defender.InputDefenderConfig(), residual.ResidualConfig()
+  lats = [{"net": params, "mean": f32(w), "comps": f32(w, reduced),
+           "means": f32(10, reduced), "prec": jnp.tile(jnp.eye(reduced), (10, 1, 1)),
+           "logdet": f32(10)} for w in cfg.hidden]
+  arr = {"victim": params, "latent": lats,
+         "dicts": [unit(f32(10, icfg.dictionary.n_atoms, icfg.patch.size ** 2))],
+         "residual": [{"dict": unit(f32(rcfg.dictionary.n_atoms, rcfg.patch.size ** 2)),
+                       "scale": jnp.ones((28, 28, 1), jnp.float32)}]}
+  spec = modules.Spec(clf, clf.layers[-2:], icfg.patch, icfg.dictionary.n_nonzero, 1, rcfg, 1)
+  return spec, arr, jnp.asarray(rng.uniform(size=(batch, 28, 28, 1)), jnp.float32)
+
+
+def curtail_defender(batch: int = 500, reduced: int = 64) -> HotPath:
+  """CuRTAIL's fused MRR defender (``secure.curtail.modules.scores``), all
+  modules in one call (``_curtail``)."""
+  from secure.curtail import modules
+  spec, arr, x = _curtail(batch, reduced)
+  fn = lambda: modules.scores(spec, arr, x)
+  cnt = flops_lib.flops(lambda a, x: modules.scores_traced(spec, a, x), arr, x)
+  cold = roofline.timed(fn)
+  return HotPath("CuRTAIL MRR defender (MNIST MLP)", fn, cnt, 0.0, "matmul",
+                 f"{batch} images, {len(spec.names)} modules", cold,
+                 note="OMP over 36 + 169 patches per image; random arrays of the fitted shapes")
+
 BUILDERS: dict[str, Callable[[], HotPath | None]] = {
     "lm_train_step": lm_train_step, "tp_forward": tp_forward, "omp": omp, "kmeans": kmeans,
-    "pgd": pgd, "rapidnn": rapidnn, "codex": codex}
+    "pgd": pgd, "rapidnn": rapidnn, "codex": codex,
+    "curtail_defender": curtail_defender}

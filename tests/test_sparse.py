@@ -19,7 +19,7 @@ def _sklearn_omp(x, d, **kw):
                             **kw).T
 
 
-@pytest.mark.parametrize("n_nonzero", [1, 5])
+@pytest.mark.parametrize("n_nonzero", [1, 5, 20])   # 20: past the unrolled solves
 def test_omp_equals_sklearn_at_fixed_sparsity(n_nonzero):
   rng = np.random.default_rng(0)
   d = _unit_rows(rng.standard_normal((64, 32)))
