@@ -7,7 +7,7 @@ by the matmul work it must do, the convention of model-FLOP utilisation.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 from jax.extend import core as jex_core
@@ -31,31 +31,42 @@ def _conv(eqn) -> float:
   return 2.0 * float(np.prod(out)) * rhs[i] * float(np.prod([rhs[d] for d in sp]))
 
 
-def jaxpr_flops(jaxpr: jex_core.Jaxpr) -> float:
-  """Matmul/conv FLOPs of a (closed or open) jaxpr, recursing into sub-jaxprs;
-  a ``scan`` counts its body ``length`` times. A ``while`` loop's trip count is
-  unknown when traced, so it is refused: count one iteration's function instead."""
+LINEAR = ("dot_general", "conv_general_dilated")
+
+
+def op_flops(eqn) -> float:
+  """FLOPs of one ``dot_general`` or ``conv_general_dilated`` equation."""
+  return _dot(eqn) if eqn.primitive.name == "dot_general" else _conv(eqn)
+
+
+def linear_eqns(jaxpr: jex_core.Jaxpr, times: float = 1.0) -> Iterator[tuple[Any, float]]:
+  """Every matmul/conv equation of a (closed or open) jaxpr with how many times
+  one call runs it, recursing into sub-jaxprs: a ``scan`` runs its body
+  ``length`` times, a ``cond`` is counted by its costliest branch. A ``while``
+  loop's trip count is unknown when traced, so it is refused: count one
+  iteration's function instead."""
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  total = 0.0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
-    if name == "dot_general":
-      total += _dot(eqn)
-    elif name == "conv_general_dilated":
-      total += _conv(eqn)
+    if name in LINEAR:
+      yield eqn, times
     elif name == "while":
       raise ValueError("jaxpr_flops cannot count a while loop (unknown trip count); "
                        "count the loop body's function and multiply by the iterations run")
     elif name == "scan":
-      total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"])
+      yield from linear_eqns(eqn.params["jaxpr"], times * eqn.params["length"])
     elif name == "cond":
-      total += max(jaxpr_flops(b) for b in eqn.params["branches"])
+      yield from linear_eqns(max(eqn.params["branches"], key=jaxpr_flops), times)
     else:
       for v in eqn.params.values():
         for sub in (v if isinstance(v, (tuple, list)) else (v,)):
           if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
-            total += jaxpr_flops(sub)
-  return total
+            yield from linear_eqns(sub, times)
+
+
+def jaxpr_flops(jaxpr: jex_core.Jaxpr) -> float:
+  """Matmul/conv FLOPs of a (closed or open) jaxpr (``linear_eqns``)."""
+  return sum(t * op_flops(eqn) for eqn, t in linear_eqns(jaxpr))
 
 
 def flops(fn: Callable, *args: Any, **kwargs: Any) -> float:

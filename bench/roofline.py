@@ -99,3 +99,31 @@ def collective(num_processes: int = 2, sizes: tuple[int, ...] = AR_SIZES, repeat
   return {"processes": num_processes, "pinned": cpus is not None,
           "seconds_by_bytes": {int(k): v for k, v in secs.items()},
           "alpha_s": alpha, "beta_bytes_per_s": beta}
+
+
+def linear_ops_alone(fn: Callable, *args, repeats: int = 7) -> dict:
+  """The seconds one call of ``fn(*args)``'s matmuls and convolutions take on
+  their own: each distinct one (primitive, operand shapes and dtypes, params)
+  compiled alone on random operands, timed (median of ``repeats``) and counted
+  as often as the call runs it (``flops.linear_eqns``). This is the path's own
+  ceiling: its FLOPs over these seconds is the rate it would reach if every
+  other op were free, at its shapes rather than the square probes' (a call's
+  dispatch, a few microseconds, is included in each op's time)."""
+  from bench import flops as flops_lib
+  groups: dict = {}
+  for eqn, t in flops_lib.linear_eqns(jax.make_jaxpr(fn)(*args)):
+    key = (eqn.primitive.name, tuple((v.aval.shape, str(v.aval.dtype)) for v in eqn.invars),
+           repr(sorted(eqn.params.items())))
+    if key in groups:
+      groups[key][1] += t
+    else:
+      groups[key] = [eqn, t]
+  rng = np.random.default_rng(0)
+  seconds = total_flops = 0.0
+  for eqn, t in groups.values():
+    ops = [jnp.asarray(rng.standard_normal(v.aval.shape), v.aval.dtype) for v in eqn.invars]
+    f = jax.jit(lambda *a, eqn=eqn: eqn.primitive.bind(*a, **eqn.params))
+    jax.block_until_ready(f(*ops))
+    seconds += t * median_time(lambda: f(*ops), repeats)
+    total_flops += t * flops_lib.op_flops(eqn)
+  return {"seconds": seconds, "flops": total_flops, "distinct_ops": len(groups)}
