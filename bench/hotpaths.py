@@ -35,6 +35,9 @@ class HotPath:
   unit: str                     # what one call is, in words
   cold_s: float = 0.0           # first call, compilation included
   note: str = ""
+  # the function and arguments whose jaxpr the FLOPs were counted from: the
+  # study times its matmuls alone (``roofline.linear_ops_alone``), the path's ceiling
+  traced: tuple[Callable, tuple] | None = None
 
 
 def _bytes(jitted, *args) -> float:
@@ -60,7 +63,8 @@ def lm_train_step(batch: int = 16) -> HotPath:
   n = flops_lib.flops(step, state, b, hp)
   cold = roofline.timed(lambda: step(state, b, hp))
   return HotPath("LM training step", lambda: step(state, b, hp), n, _bytes(step, state, b, hp),
-                 "matmul", f"{batch} x {cfg.max_seq_len} tokens, 16 blocks d=128", cold)
+                 "matmul", f"{batch} x {cfg.max_seq_len} tokens, 16 blocks d=128", cold,
+                 traced=(step, (state, b, hp)))
 
 
 def tp_forward(tp: int = 2, batch: int = 8) -> HotPath | None:
@@ -76,12 +80,14 @@ def tp_forward(tp: int = 2, batch: int = 8) -> HotPath | None:
   params = tp_lib.prepare_params(lm.init(jax.random.key(0), cfg), cfg, mesh)
   tokens = sharding.replicate(np.zeros((batch, cfg.max_seq_len), np.int32), mesh)
   fwd = tp_lib.make_forward(cfg, mesh)
-  n = flops_lib.flops(functools.partial(lm.apply, cfg=cfg), lm.init(jax.random.key(0), cfg),
-                      jnp.zeros((batch, cfg.max_seq_len), jnp.int32))
+  dense = (functools.partial(lm.apply, cfg=cfg),
+           (lm.init(jax.random.key(0), cfg), jnp.zeros((batch, cfg.max_seq_len), jnp.int32)))
+  n = flops_lib.flops(dense[0], *dense[1])
   cold = roofline.timed(lambda: fwd(params, tokens))
   return HotPath(f"TP forward (TP={tp}, fake devices)", lambda: fwd(params, tokens), n, 0.0,
                  "matmul", f"{batch} x {cfg.max_seq_len} tokens", cold,
-                 note="the devices share this machine's cores")
+                 note="the devices share this machine's cores; ceiling: the dense forward's",
+                 traced=dense)
 
 
 def omp(n: int = 4096, features: int = 64, atoms: int = 256, n_nonzero: int = 8) -> HotPath:
@@ -93,10 +99,12 @@ def omp(n: int = 4096, features: int = 64, atoms: int = 256, n_nonzero: int = 8)
   x = jnp.asarray(rng.standard_normal((n, features)), jnp.float32)
   tol = jnp.float32(-1.0)
   f = functools.partial(sparse._omp, n_nonzero=n_nonzero)
-  cnt = flops_lib.flops(lambda x, d, t: sparse.omp_traced(x, d, n_nonzero, t), x, d, tol)
+  traced = (lambda x, d, t: sparse.omp_traced(x, d, n_nonzero, t), (x, d, tol))
+  cnt = flops_lib.flops(traced[0], *traced[1])
   cold = roofline.timed(lambda: f(x, d, tol=tol))
   return HotPath("batched OMP (CLEANN)", lambda: f(x, d, tol=tol), cnt, 0.0, "matmul",
-                 f"{n} signals, {features} features, {atoms} atoms, {n_nonzero} nonzeros", cold)
+                 f"{n} signals, {features} features, {atoms} atoms, {n_nonzero} nonzeros", cold,
+                 traced=traced)
 
 
 def kmeans(n: int = 20000, dim: int = 16, k: int = 64) -> HotPath:
@@ -125,12 +133,11 @@ def pgd(batch: int = 256, steps: int = 20) -> HotPath:
   logits_fn = jax.tree_util.Partial(lambda x, p: cnn.apply(p, x, cfg), p=params)
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(batch, 28, 28, 1)), jnp.float32)
   y = jnp.zeros((batch,), jnp.int32)
-  fn = lambda: attacks._pgd(logits_fn, x, y, 0.1, 0.01, steps, "linf", jax.random.key(0))
-  cnt = flops_lib.flops(lambda x: attacks._pgd(logits_fn, x, y, 0.1, 0.01, steps, "linf",
-                                               jax.random.key(0)), x)
-  cold = roofline.timed(fn)
-  return HotPath("PGD attack (CNN)", fn, cnt, 0.0, "matmul", f"{batch} images x {steps} steps",
-                 cold)
+  attack = lambda x: attacks._pgd(logits_fn, x, y, 0.1, 0.01, steps, "linf", jax.random.key(0))
+  cnt = flops_lib.flops(attack, x)
+  cold = roofline.timed(lambda: attack(x))
+  return HotPath("PGD attack (CNN)", lambda: attack(x), cnt, 0.0, "matmul",
+                 f"{batch} images x {steps} steps", cold, traced=(attack, (x,)))
 
 
 def _cnn_codebook(batch: int):
@@ -165,11 +172,11 @@ def codex(batch: int = 64) -> HotPath:
   decode, multiply-accumulate, re-encode; judged by its matmul/conv FLOPs."""
   from accel.codex import encoding
   _, _, ops, cb, xj = _cnn_codebook(batch)
-  fn = lambda: encoding._emulate(cb, xj, ops)
-  cnt = flops_lib.flops(lambda x: encoding._emulate(cb, x, ops), xj)
-  cold = roofline.timed(fn)
-  return HotPath("CodeX encoded datapath (CNN, 4 bits)", fn, cnt, 0.0, "matmul",
-                 f"{batch} images", cold)
+  emulate = lambda x: encoding._emulate(cb, x, ops)
+  cnt = flops_lib.flops(emulate, xj)
+  cold = roofline.timed(lambda: emulate(xj))
+  return HotPath("CodeX encoded datapath (CNN, 4 bits)", lambda: emulate(xj), cnt, 0.0, "matmul",
+                 f"{batch} images", cold, traced=(emulate, (xj,)))
 
 
 def _curtail(batch: int, reduced: int):
@@ -208,11 +215,13 @@ def curtail_defender(batch: int = 500, reduced: int = 64) -> HotPath:
   from secure.curtail import modules
   spec, arr, x = _curtail(batch, reduced)
   fn = lambda: modules.scores(spec, arr, x)
-  cnt = flops_lib.flops(lambda a, x: modules.scores_traced(spec, a, x), arr, x)
+  traced = (lambda a, x: modules.scores_traced(spec, a, x), (arr, x))
+  cnt = flops_lib.flops(traced[0], *traced[1])
   cold = roofline.timed(fn)
   return HotPath("CuRTAIL MRR defender (MNIST MLP)", fn, cnt, 0.0, "matmul",
                  f"{batch} images, {len(spec.names)} modules", cold,
-                 note="OMP over 36 + 169 patches per image; random arrays of the fitted shapes")
+                 note="OMP over 36 + 169 patches per image; random arrays of the fitted shapes",
+                 traced=traced)
 
 BUILDERS: dict[str, Callable[[], HotPath | None]] = {
     "lm_train_step": lm_train_step, "tp_forward": tp_forward, "omp": omp, "kmeans": kmeans,

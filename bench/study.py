@@ -1,7 +1,9 @@
 """Fraction of this machine's peak for each hot path, measured in one run:
 roofline probes and hot paths called in rotating order for ``rounds`` rounds,
 medians reported, so machine drift hits roof and path alike. The loopback
-collective (separate processes) runs once, before the rounds.
+collective (separate processes) runs once, before the rounds; each matmul
+path's own ceiling (its matmuls and convolutions timed alone, at its shapes)
+once, after them.
 
 ``run`` computes records; ``render`` turns them into Markdown.
 """
@@ -63,6 +65,11 @@ def run(paths: tuple[str, ...] = tuple(hotpaths.BUILDERS), rounds: int = 5,
   out["peak_at"] = peak["n"]
   out["bf16_peak_flops"] = max((p["rate"] for p in bf), default=None)
   out["stream_bytes_per_s"] = next(p["rate"] for p in out["probes"] if p["kind"] == "stream")
+  ceilings = {}
+  for k, hp in built.items():
+    if hp.traced is not None:
+      progress(f"{k}: its matmuls alone")
+      ceilings[k] = roofline.linear_ops_alone(hp.traced[0], *hp.traced[1])
   rows = []
   for k, hp in built.items():
     s = med[k]
@@ -74,6 +81,11 @@ def run(paths: tuple[str, ...] = tuple(hotpaths.BUILDERS), rounds: int = 5,
                  "flops": hp.flops, "bytes": hp.bytes, "roof": hp.roof, "rate": rate,
                  "fraction": rate / roof, "note": hp.note,
                  "spread": [min(times[k]), max(times[k])]})
+    if k in ceilings:
+      c = ceilings[k]
+      rows[-1].update(ceiling_s=c["seconds"], ceiling_ops=c["distinct_ops"],
+                      ceiling_fraction=c["flops"] / c["seconds"] / out["peak_flops"],
+                      of_ceiling=c["seconds"] / s)
   out["paths"] = rows
   out["rounds"] = rounds
   return out
@@ -109,12 +121,21 @@ def render(rec: dict) -> str:
                  f"(ring fit over {len(c['seconds_by_bytes'])} sizes, "
                  f"{min(c['seconds_by_bytes'])}-{max(c['seconds_by_bytes'])} bytes).")
   lines += ["", "| hot path | one call | warm s (min-max) | cold s | achieved | roof | "
-                "fraction of roof |", "|---|---|---|---|---|---|---|"]
+                "fraction of roof | its matmuls alone | path time in them |",
+            "|---|---|---|---|---|---|---|---|---|"]
   for r in rec["paths"]:
     ach = (f"{r['rate'] / 1e9:.2f} GFLOP/s" if r["roof"] == "matmul"
            else f"{r['rate'] / 1e9:.2f} GB/s")
     roof = "f32 matmul peak" if r["roof"] == "matmul" else "stream bandwidth"
     lines.append(f"| {r['path']} | {r['unit']} | {r['seconds']:.4f} ({r['spread'][0]:.4f}-"
                  f"{r['spread'][1]:.4f}) | {r['cold_s']:.2f} | {ach} | {roof} | "
-                 f"{100 * r['fraction']:.1f}% |")
+                 f"{100 * r['fraction']:.1f}% | " + (
+                     f"{r['ceiling_s']:.4f} s = {100 * r['ceiling_fraction']:.1f}% of peak | "
+                     f"{100 * r['of_ceiling']:.0f}% |" if "ceiling_s" in r else "n/a | n/a |"))
+  lines += ["", "*Its matmuls alone*: the path's matmuls and convolutions (from its jaxpr), "
+            "each compiled and timed on its own at the path's shapes and counted as often as "
+            "the path runs it: the rate the path would reach if everything else were free. "
+            "*Path time in them*: that time over the path's; near 100% means the path is bound "
+            "by its matmul shapes, low means by the rest (element-wise passes, gathers, "
+            "control)."]
   return "\n".join(lines) + "\n"

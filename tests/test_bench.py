@@ -33,6 +33,22 @@ def test_flop_counter_matches_hand_counts():
                      jnp.ones((4, 5))) == 2 * 120
 
 
+def test_linear_ops_alone_groups_repeats_and_times_each_once():
+  # a scan of 5 identical matmuls, one differently shaped one, one conv: 3 distinct ops
+  body = lambda c, _: (jnp.tanh(c @ c), None)
+  conv = lambda x: jax.lax.conv_general_dilated(x, jnp.ones((3, 3, 2, 4)), (1, 1), "SAME",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  fn = lambda a, b, x: (jax.lax.scan(body, a, length=5)[0], a @ b, conv(x))
+  args = (jnp.ones((64, 64)), jnp.ones((64, 8)), jnp.ones((1, 16, 16, 2)))
+  got = roofline.linear_ops_alone(fn, *args, repeats=3)
+  assert got["distinct_ops"] == 3
+  assert got["flops"] == flops.flops(fn, *args) == 5 * 2 * 64 ** 3 + 2 * 64 * 64 * 8 + \
+      2 * 16 * 16 * 4 * 3 * 3 * 2
+  # the scan's matmul is timed once and counted five times: more than the lone matmul
+  one = roofline.linear_ops_alone(lambda a: a @ a, args[0], repeats=3)
+  assert one["distinct_ops"] == 1 and got["seconds"] > 2 * one["seconds"]
+
+
 def test_lm_forward_flops_match_the_config_formula():
   cfg = lm.LMConfig(vocab_size=32, d_model=16, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=24,
                     max_seq_len=12)
@@ -57,6 +73,10 @@ def test_study_renders_the_records_it_measured():
   assert float(cells[6].rstrip("%")) == pytest.approx(100 * omp["fraction"], abs=0.1)
   # The fraction is the path's counted FLOPs per second over the measured peak.
   assert omp["fraction"] == pytest.approx(omp["flops"] / omp["seconds"] / rec["peak_flops"])
+  # its matmuls alone: the ceiling's cells are the record's, and a fraction of the same peak
+  assert cells[7].startswith(f"{omp['ceiling_s']:.4f} s = {100 * omp['ceiling_fraction']:.1f}%")
+  assert cells[8] == f"{100 * omp['of_ceiling']:.0f}%"
+  assert omp["of_ceiling"] == pytest.approx(omp["ceiling_s"] / omp["seconds"])
   peak = float(re.search(r"Peak float32 matmul: \*\*([\d.]+) GFLOP/s", md).group(1))
   assert peak == pytest.approx(rec["peak_flops"] / 1e9, abs=0.1)
   assert rec["peak_flops"] == max(p["rate"] for p in rec["probes"] if p["kind"] == "matmul")

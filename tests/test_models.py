@@ -235,3 +235,27 @@ def test_max_pool_equals_reduce_window_values_and_gradient(shape):
   np.testing.assert_array_equal(cnn.max_pool_2x2(x), ref(x))
   g = jax.random.normal(jax.random.key(1), ref(x).shape)
   np.testing.assert_array_equal(jax.vjp(cnn.max_pool_2x2, x)[1](g)[0], jax.vjp(ref, x)[1](g)[0])
+
+
+@pytest.mark.parametrize("kernel_hw", [(3, 3), (5, 3), (1, 1)])
+def test_conv_gradients_equal_the_lax_convolutions(kernel_hw):
+  # The custom input gradient (a plain conv with the flipped, in/out-swapped kernel)
+  # against JAX's own transpose of lax.conv_general_dilated, for the input and the
+  # kernel, on non-square images and kernels; reverse mode twice (a gradient penalty).
+  x = jax.random.normal(jax.random.key(0), (2, 7, 9, 3))
+  k = jax.random.normal(jax.random.key(1), (*kernel_hw, 3, 5))
+  b = jnp.arange(5.0)
+  ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+  ours = lambda x, k: cnn.conv2d(x, k, b)
+  np.testing.assert_allclose(ours(x, k), ref(x, k), rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(jax.random.key(2), ref(x, k).shape)
+  for got, want in zip(jax.vjp(ours, x, k)[1](g), jax.vjp(ref, x, k)[1](g)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  penalty = lambda f: jax.grad(lambda k: jnp.sum(jax.grad(lambda x: jnp.sum(f(x, k) ** 3))(x) ** 2))
+  np.testing.assert_allclose(penalty(ours)(k), penalty(ref)(k), rtol=1e-4, atol=1e-3)
+
+
+def test_conv_refuses_even_kernels():
+  with pytest.raises(ValueError, match="odd kernel"):
+    cnn.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((2, 2, 1, 1)), jnp.zeros(1))

@@ -47,10 +47,41 @@ def init(key: jax.Array, cfg: CNNConfig) -> dict:
   return params
 
 
+def _conv_same(x_BxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(x_BxHxWxC, kernel_HxWxIxO, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def _conv(x_BxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array) -> jax.Array:
+  """A stride-1 SAME convolution whose input gradient is itself a plain HWIO
+  convolution (flipped kernel, in/out swapped, laid out as a new array). JAX's
+  own transpose rule reads the kernel as HWOI; inside a loop (every attack's
+  steps run in a ``scan``) XLA:CPU then runs it as a generic loop nest instead
+  of its library convolution: 20 PGD steps on 256 MNIST images took 2.9 s with
+  it and 0.77 s with this. The cost: no forward-mode (``jax.jvp``) through it."""
+  return _conv_same(x_BxHxWxC, kernel_HxWxIxO)
+
+
+def _conv_fwd(x, kernel):
+  return _conv_same(x, kernel), (x, kernel)
+
+
+def _conv_bwd(res, g):
+  x, kernel = res
+  # SAME with an odd kernel pads symmetrically, so the transpose is SAME again
+  dx = _conv_same(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  dk = jax.vjp(lambda k: _conv_same(x, k), kernel)[1](g)[0]
+  return dx, dk
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
 def conv2d(x_BxHxWxC: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  y = jax.lax.conv_general_dilated(x_BxHxWxC, kernel, (1, 1), "SAME",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return y + bias
+  if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
+    raise ValueError(f"conv2d takes odd kernel sizes (SAME padding), got {kernel.shape[:2]}")
+  return _conv(x_BxHxWxC, kernel) + bias
 
 
 def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
