@@ -143,3 +143,17 @@ def test_two_processes_equal_the_modules_in_turn_and_are_pinned():
     np.testing.assert_allclose(o["sharded_2"]["scores"], ref, rtol=1e-5, atol=1e-4)
   with pytest.raises(ValueError, match="cpus must give each"):
     multiprocess.launch("tests.mp_workers:affinity", 2, cpus=[{0}])
+
+
+def test_batched_pads_pieces_to_few_shapes_and_returns_the_rows_in_order():
+  seen = set()
+
+  def fn(xb):
+    seen.add(xb.shape[0])
+    return xb.reshape(len(xb), -1).sum(1) * 2.0
+  x = np.random.default_rng(0).random((1234, 3, 2, 1)).astype(np.float32)
+  for n in (1, 17, 100, 499, 500, 1234):
+    np.testing.assert_allclose(modules.batched(fn, x[:n]), 2 * x[:n].reshape(n, -1).sum(1),
+                               rtol=1e-6)
+  assert seen == {16, 32, 128, 500, 256}     # 1 and 17 -> 16, 32; 499 and 500 -> 500; 234 -> 256
+  assert [modules.bucket(n, 500) for n in (1, 16, 17, 300, 700)] == [16, 16, 32, 500, 500]

@@ -154,8 +154,24 @@ def scores_in_turn(spec: Spec, arr: dict, x) -> jax.Array:
   return jnp.stack([_one_module(spec, m, arr, x) for m in range(len(spec.names))], axis=1)
 
 
+def bucket(n: int, batch: int) -> int:
+  """The size a piece of ``n`` rows is padded to: the next power of two (at
+  least 16), at most ``batch``; so calls with many different N compile a
+  handful of shapes instead of one per N (each compile of the fused defender
+  costs about as much as scoring thousands of images)."""
+  return min(batch, max(16, 1 << (n - 1).bit_length()))
+
+
 def batched(fn, x, batch: int = 500) -> np.ndarray:
-  """``fn`` over ``x`` in pieces of ``batch`` (bounded memory), as NumPy."""
+  """``fn`` (row-wise: a row's output depends on that row alone) over ``x`` in
+  pieces of ``batch`` (bounded memory), the last piece zero-padded to its
+  ``bucket``; as NumPy."""
   x = np.asarray(x, np.float32)
-  return np.concatenate([np.asarray(fn(jnp.asarray(x[i:i + batch])))
-                         for i in range(0, len(x), batch)])
+  out = []
+  for i in range(0, len(x), batch):
+    piece = x[i:i + batch]
+    pad = bucket(len(piece), batch) - len(piece)
+    if pad:
+      piece = np.concatenate([piece, np.zeros((pad,) + piece.shape[1:], piece.dtype)])
+    out.append(np.asarray(fn(jnp.asarray(piece)))[:len(piece) - pad])
+  return np.concatenate(out)
