@@ -111,7 +111,7 @@ def linear_ops_alone(fn: Callable, *args, repeats: int = 7) -> dict:
   dispatch, a few microseconds, is included in each op's time)."""
   from bench import flops as flops_lib
   groups: dict = {}
-  for eqn, t in flops_lib.linear_eqns(jax.make_jaxpr(fn)(*args)):
+  for eqn, t in flops_lib.linear_eqns(flops_lib.jaxpr_of(fn, *args)):
     key = (eqn.primitive.name, tuple((v.aval.shape, str(v.aval.dtype)) for v in eqn.invars),
            repr(sorted(eqn.params.items())))
     if key in groups:

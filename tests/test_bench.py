@@ -28,6 +28,8 @@ def test_flop_counter_matches_hand_counts():
   with pytest.raises(ValueError, match="while loop"):
     flops.flops(lambda a: jax.lax.while_loop(lambda c: c[0, 0] < 9, lambda c: c @ c, a),
                 jnp.ones((4, 4)))
+  # Dead code is not counted (a custom VJP computes cotangents nobody reads).
+  assert flops.flops(lambda a: (a @ a, jnp.sum(a))[1], jnp.ones((4, 4))) == 0
   # Reverse mode: the input gradient of a @ b is one more product of the same size.
   assert flops.flops(jax.grad(lambda a, b: jnp.sum(jnp.tanh(a @ b))), jnp.ones((3, 4)),
                      jnp.ones((4, 5))) == 2 * 120
