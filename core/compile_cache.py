@@ -24,10 +24,14 @@ def version_dir(root: str = ROOT) -> str:
   return os.path.join(root, f"jax-{jax.__version__}_jaxlib-{jaxlib.__version__}")
 
 
-def enable(root: str = ROOT) -> str:
+def enable(root: str | None = None) -> str:
   """Turns the persistent cache on (call before the first compilation);
-  returns the folder in use."""
-  path = version_dir(root)
+  returns the folder in use: this JAX version's folder under ``root``; with
+  ``root`` None, the folder a parent process named in ``JAX_COMPILATION_CACHE_DIR``
+  (a binary launching workers, a test session launching binaries, as JAX itself
+  would read it), else this version's folder under ``ROOT``."""
+  inherited = os.environ.get("JAX_COMPILATION_CACHE_DIR") if root is None else None
+  path = inherited or version_dir(ROOT if root is None else root)
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)

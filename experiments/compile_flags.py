@@ -8,8 +8,10 @@ from core import compile_cache
 
 _ON = flags.DEFINE_bool("compile_cache", True, "Keep compiled executables in a persistent "
                         "cache, one folder per JAX version, and reuse them on the next run.")
-_DIR = flags.DEFINE_string("compile_cache_dir", compile_cache.ROOT,
-                           "Root folder of the persistent compilation cache.")
+_DIR = flags.DEFINE_string("compile_cache_dir", None,
+                           "Root folder of the persistent compilation cache (default: the "
+                           "folder JAX_COMPILATION_CACHE_DIR names, set by a parent process "
+                           "such as the test session; else .jax_cache at the repo root).")
 
 
 def setup() -> str | None:

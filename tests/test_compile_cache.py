@@ -18,7 +18,8 @@ if sys.argv[3] != "-":
 from core import compile_cache
 events = []
 jax.monitoring.register_event_listener(lambda e, **kw: events.append(e))
-path = compile_cache.enable(sys.argv[1]) if sys.argv[2] == "on" else compile_cache.disable()
+path = (compile_cache.enable(sys.argv[1]) if sys.argv[2] == "on" else
+        compile_cache.enable() if sys.argv[2] == "default" else compile_cache.disable())
 f = jax.jit(lambda x: jax.numpy.tanh(x @ x.T).sum())
 f(jax.numpy.ones((64, 32))).block_until_ready()
 print(json.dumps({"path": path,
@@ -27,11 +28,13 @@ print(json.dumps({"path": path,
 """
 
 
-def _run(root, mode="on", version="-", xla_flags=""):
+def _run(root, mode="on", version="-", xla_flags="", inherit=None):
   env = dict(os.environ, XLA_FLAGS=xla_flags, PYTHONPATH=ROOT)
   for k in [k for k in env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_ENABLE_COMPILATION",
                                               "JAX_PERSISTENT_CACHE"))]:
     del env[k]
+  if inherit:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(inherit)
   out = subprocess.run([sys.executable, "-c", SCRIPT, str(root), mode, version], env=env,
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -62,3 +65,13 @@ def test_second_run_hits_and_a_new_version_flag_or_off_switch_does_not(tmp_path)
   off = _run(tmp_path, mode="off")
   assert off["path"] is None and off["hits"] == 0 and off["misses"] == 0
   assert _entries(first["path"]) == written
+
+
+def test_default_folder_is_the_one_a_parent_process_named(tmp_path):
+  # A binary launched by the test session (or by another binary) writes where its
+  # parent's cache is, not into the clone's .jax_cache, so a fresh clone's test
+  # run and a reused clone's see the same (empty) cache.
+  parent = tmp_path / "parent"
+  got = _run(tmp_path, mode="default", inherit=parent)
+  assert got["path"] == str(parent) and _entries(parent)
+  assert _run(tmp_path, mode="default", inherit=parent)["hits"] >= 1
