@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core import buckets
 from secure import detection
 
 RULES = ("or", "fisher")
@@ -63,15 +64,17 @@ class Combiner:
   def n_modules(self) -> int:
     return self.sorted_val.shape[0]
 
-  # Both are jitted (and traceable inside other jits): run eagerly, the
-  # interpolation went op by op at 20 ms a call, and calibration makes hundreds.
+  # Both are jitted, traceable inside other jits, and row-wise. Eagerly, the
+  # interpolation went op by op at 20 ms a call (calibration makes hundreds);
+  # jitted, each N compiled afresh (N: the images an attack fooled, different in
+  # every call), so outside a trace the rows are padded to a ``core.buckets`` size.
   def neg_log_p(self, s_NxM) -> jax.Array:
     """(N, M) -log p of each module's score."""
-    return _neg_log_p(self, jnp.asarray(s_NxM, jnp.float32))
+    return _by_rows(_neg_log_p, self, s_NxM)
 
   def statistic(self, s_NxM) -> jax.Array:
     """(N,) combined statistic; flagged above ``threshold``."""
-    return _statistic(self, jnp.asarray(s_NxM, jnp.float32))
+    return _by_rows(_statistic, self, s_NxM)
 
   def flags(self, s_NxM) -> np.ndarray:
     return np.asarray(self.statistic(s_NxM)) > self.threshold
@@ -84,6 +87,13 @@ class Combiner:
     if self.rule == "or":
       return jnp.sum(jax.nn.relu(q - self.threshold + margin), axis=-1)
     return jax.nn.relu(_combine(self.rule, q) - self.threshold + margin)
+
+
+def _by_rows(fn, c: Combiner, s_NxM) -> jax.Array:
+  if isinstance(s_NxM, jax.core.Tracer):
+    return fn(c, s_NxM.astype(jnp.float32))
+  s = np.asarray(s_NxM, np.float32)
+  return fn(c, jnp.asarray(buckets.pad_rows(s, buckets.bucket(len(s)))))[:len(s)]
 
 
 @jax.jit

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh
 from sklearn.linear_model import orthogonal_mp
 
-from core import multiprocess
+from core import buckets, multiprocess
 from core.models import mlp
 from secure import sparse
 from secure.classifier import from_core
@@ -156,4 +156,5 @@ def test_batched_pads_pieces_to_few_shapes_and_returns_the_rows_in_order():
     np.testing.assert_allclose(modules.batched(fn, x[:n]), 2 * x[:n].reshape(n, -1).sum(1),
                                rtol=1e-6)
   assert seen == {16, 32, 128, 500, 256}     # 1 and 17 -> 16, 32; 499 and 500 -> 500; 234 -> 256
-  assert [modules.bucket(n, 500) for n in (1, 16, 17, 300, 700)] == [16, 16, 32, 500, 500]
+  assert [buckets.bucket(n, 500) for n in (0, 1, 16, 17, 300, 700)] == [16, 16, 16, 32, 500, 500]
+  assert buckets.bucket(700) == 1024 and buckets.pad_rows(np.ones((3, 2)), 5).sum() == 6

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core import buckets
 from secure import sparse
 from secure.classifier import Classifier
 from secure.cleann import analyzers
@@ -154,24 +155,15 @@ def scores_in_turn(spec: Spec, arr: dict, x) -> jax.Array:
   return jnp.stack([_one_module(spec, m, arr, x) for m in range(len(spec.names))], axis=1)
 
 
-def bucket(n: int, batch: int) -> int:
-  """The size a piece of ``n`` rows is padded to: the next power of two (at
-  least 16), at most ``batch``; so calls with many different N compile a
-  handful of shapes instead of one per N (each compile of the fused defender
-  costs about as much as scoring thousands of images)."""
-  return min(batch, max(16, 1 << (n - 1).bit_length()))
-
-
 def batched(fn, x, batch: int = 500) -> np.ndarray:
   """``fn`` (row-wise: a row's output depends on that row alone) over ``x`` in
   pieces of ``batch`` (bounded memory), the last piece zero-padded to its
-  ``bucket``; as NumPy."""
+  ``core.buckets`` size (every distinct N compiled the fused defender again,
+  and each compile costs about as much as scoring thousands of images); as NumPy."""
   x = np.asarray(x, np.float32)
   out = []
   for i in range(0, len(x), batch):
     piece = x[i:i + batch]
-    pad = bucket(len(piece), batch) - len(piece)
-    if pad:
-      piece = np.concatenate([piece, np.zeros((pad,) + piece.shape[1:], piece.dtype)])
-    out.append(np.asarray(fn(jnp.asarray(piece)))[:len(piece) - pad])
+    padded = buckets.pad_rows(piece, buckets.bucket(len(piece), batch))
+    out.append(np.asarray(fn(jnp.asarray(padded)))[:len(piece)])
   return np.concatenate(out)
