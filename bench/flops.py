@@ -77,7 +77,8 @@ def jaxpr_of(fn: Callable, *args: Any, **kwargs: Any) -> jex_core.Jaxpr:
   closed = jax.make_jaxpr(fn)(*args, **kwargs)
   # JAX's own DCE pass (internal: jax.extend exposes no DCE; revisit on upgrades)
   from jax._src.interpreters import partial_eval as pe
-  return pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))[0]
+  # instantiate: every input kept, so positions still match the arguments
+  return pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True)[0]
 
 
 def flops(fn: Callable, *args: Any, **kwargs: Any) -> float:
