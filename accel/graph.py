@@ -17,11 +17,8 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-from jax.extend import core as jex_core
 
-from bench import flops as flops_lib
-
-LINEAR = flops_lib.LINEAR
+from core import jaxpr_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,59 +36,19 @@ def _shape(s) -> str:
   return "x".join(map(str, s)) or "scalar"
 
 
-def _walk(jaxpr, static_in: list[bool], times: int, out: list) -> list[bool]:
-  """Appends (eqn, times, weight) for linear eqns; returns which outputs depend
-  on params alone. ``static_in``: per invar, whether it does."""
-  static = {v: s for v, s in zip(jaxpr.invars, static_in)}
-  for v in jaxpr.constvars:
-    static[v] = True
-  is_static = lambda a: isinstance(a, jex_core.Literal) or static.get(a, False)
-  for eqn in jaxpr.eqns:
-    ins = [is_static(a) for a in eqn.invars]
-    name = eqn.primitive.name
-    if name in LINEAR:
-      out.append((eqn, times, ins[0] or ins[1]))
-      res = [all(ins)] * len(eqn.outvars)
-    elif name == "while":
-      raise ValueError("a while loop's trip count is unknown when traced: its linear ops "
-                       "cannot be counted (use a scan or a Python loop)")
-    elif name == "scan":
-      body = eqn.params["jaxpr"]
-      res = _walk(body.jaxpr, ins, times * eqn.params["length"], out)
-      res = res + [False] * (len(eqn.outvars) - len(res))
-    else:
-      subs = [v for v in eqn.params.values()
-              if isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr))]
-      if len(subs) == 1:                  # pjit, custom_vjp/jvp calls, remat: one body
-        sub = getattr(subs[0], "jaxpr", subs[0])
-        if len(sub.invars) == len(ins):
-          res = _walk(sub, ins, times, out)
-        else:
-          _walk(sub, [False] * len(sub.invars), times, out)
-          res = [all(ins)] * len(eqn.outvars)
-      elif name == "cond":
-        raise ValueError("a cond's branches may run different linear ops: not supported")
-      else:
-        res = [all(ins)] * len(eqn.outvars)
-    for v, s in zip(eqn.outvars, res):
-      static[v] = s
-  return [is_static(v) for v in jaxpr.outvars]
-
-
 def linear_ops(apply: Callable[[Any, Any], Any], params: Any, x: Any) -> tuple[LinearOp, ...]:
   """Every linear op of ``apply(params, x)`` in program order (traced, not
   run; dead code removed, as the compiler would)."""
   n_params = len(jax.tree.leaves(params))
-  jaxpr = flops_lib.jaxpr_of(apply, params, x)
-  found: list = []
-  _walk(jaxpr, [True] * n_params + [False] * (len(jaxpr.invars) - n_params), 1, found)
+  jaxpr = jaxpr_ops.jaxpr_of(apply, params, x)
+  static_in = [True] * n_params + [False] * (len(jaxpr.invars) - n_params)
   ops = []
-  for i, (eqn, times, weight) in enumerate(found):
+  for i, (eqn, times, weight) in enumerate(jaxpr_ops.linear_eqns(jaxpr, static_in)):
     lhs, rhs = (tuple(v.aval.shape) for v in eqn.invars[:2])
     prim = "dot" if eqn.primitive.name == "dot_general" else "conv"
     ops.append(LinearOp(f"{i:03d}_{prim}_{_shape(lhs)}_{_shape(rhs)}", eqn.primitive.name,
                         lhs, rhs, tuple(eqn.outvars[0].aval.shape),
-                        int(round(times * flops_lib.op_flops(eqn) / 2)), weight))
+                        int(round(times * jaxpr_ops.op_flops(eqn) / 2)), weight))
   return tuple(ops)
 
 

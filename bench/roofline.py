@@ -105,13 +105,13 @@ def linear_ops_alone(fn: Callable, *args, repeats: int = 7) -> dict:
   """The seconds one call of ``fn(*args)``'s matmuls and convolutions take on
   their own: each distinct one (primitive, operand shapes and dtypes, params)
   compiled alone on random operands, timed (median of ``repeats``) and counted
-  as often as the call runs it (``flops.linear_eqns``). This is the path's own
+  as often as the call runs it (``core.jaxpr_ops.linear_eqns``). This is the path's own
   ceiling: its FLOPs over these seconds is the rate it would reach if every
   other op were free, at its shapes rather than the square probes' (a call's
   dispatch, a few microseconds, is included in each op's time)."""
-  from bench import flops as flops_lib
+  from core import jaxpr_ops
   groups: dict = {}
-  for eqn, t in flops_lib.linear_eqns(flops_lib.jaxpr_of(fn, *args)):
+  for eqn, t, _ in jaxpr_ops.linear_eqns(jaxpr_ops.jaxpr_of(fn, *args)):
     key = (eqn.primitive.name, tuple((v.aval.shape, str(v.aval.dtype)) for v in eqn.invars),
            repr(sorted(eqn.params.items())))
     if key in groups:
@@ -125,5 +125,5 @@ def linear_ops_alone(fn: Callable, *args, repeats: int = 7) -> dict:
     f = jax.jit(lambda *a, eqn=eqn: eqn.primitive.bind(*a, **eqn.params))
     jax.block_until_ready(f(*ops))
     seconds += t * median_time(lambda: f(*ops), repeats)
-    total_flops += t * flops_lib.op_flops(eqn)
+    total_flops += t * jaxpr_ops.op_flops(eqn)
   return {"seconds": seconds, "flops": total_flops, "distinct_ops": len(groups)}
