@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from accel import codebooks
 from accel.kmeans import kmeans, nearest_sorted
 from accel.program import Op, linear_layers
 from core.models import cnn
@@ -93,18 +94,8 @@ def float_forward(cb: Codebook, ops: tuple[Op, ...], x: jax.Array, *, ste: bool 
 
 
 def _fit_1d(values: np.ndarray, k: int, cfg: RapidConfig, salt: int) -> np.ndarray:
-  """Sorted centroids of a layer's values. Few distinct values (pixels): weighted
-  k-means on the unique values; many: k-means on a sample."""
-  v = np.asarray(values, np.float32).reshape(-1)
-  uniq, counts = np.unique(v, return_counts=True)
-  if len(uniq) <= cfg.calib_points:
-    if k > len(uniq):  # fewer distinct values than clusters: every value is its own centroid
-      return np.sort(np.concatenate([uniq, np.full(k - len(uniq), uniq[-1])]))
-    res = kmeans(uniq, k, seed=cfg.seed + salt, weights=counts)
-  else:
-    rng = np.random.default_rng([cfg.seed, salt])
-    res = kmeans(rng.choice(v, cfg.calib_points, replace=False), k, seed=cfg.seed + salt)
-  return np.sort(res.centroids)
+  """Sorted centroids of a layer's values (``accel.codebooks.fit_activation``)."""
+  return codebooks.fit_activation(values, k, cfg.seed, salt, cfg.calib_points)
 
 
 def check_layers(tree: dict, ops: tuple[Op, ...], what: str) -> None:

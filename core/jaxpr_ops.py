@@ -44,26 +44,47 @@ def op_flops(eqn) -> float:
   return _dot(eqn) if eqn.primitive.name == "dot_general" else _conv(eqn)
 
 
-def jaxpr_of(fn: Callable, *args: Any, **kwargs: Any) -> jex_core.Jaxpr:
+def closed_jaxpr_of(fn: Callable, *args: Any, **kwargs: Any) -> jex_core.ClosedJaxpr:
   """``fn``'s jaxpr with dead code removed, as the compiler would: a custom
   VJP's backward computes every cotangent, and an input gradient drops the
   kernel's (``core.models.cnn``'s convolution; without this, PGD's count
   included weight-gradient convolutions XLA never runs). Every input is kept,
-  so positions still match the arguments."""
+  so positions still match the arguments; constants are kept with it."""
   closed = jax.make_jaxpr(fn)(*args, **kwargs)
   # JAX's own DCE pass (internal: jax.extend exposes no DCE; revisit on upgrades)
   from jax._src.interpreters import partial_eval as pe
-  return pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True)[0]
+  jaxpr = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True)[0]
+  return jex_core.ClosedJaxpr(jaxpr, closed.consts)
+
+
+def jaxpr_of(fn: Callable, *args: Any, **kwargs: Any) -> jex_core.Jaxpr:
+  """``closed_jaxpr_of`` without its constants (they count as static inputs)."""
+  return closed_jaxpr_of(fn, *args, **kwargs).jaxpr
+
+
+def sub_jaxprs(eqn) -> list:
+  """The jaxprs nested in an equation's params (a call's body, a scan's body,
+  a cond's branches)."""
+  return [s for v in eqn.params.values() for s in (v if isinstance(v, (tuple, list)) else (v,))
+          if isinstance(s, (jex_core.Jaxpr, jex_core.ClosedJaxpr))]
+
+
+def has_linear(jaxpr) -> bool:
+  """Whether a jaxpr runs a linear op anywhere, nested bodies included."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  return any(e.primitive.name in LINEAR or any(has_linear(s) for s in sub_jaxprs(e))
+             for e in jaxpr.eqns)
 
 
 Walk = Generator[tuple[Any, float, bool], None, list[bool]]
 
 
 def linear_eqns(jaxpr, static_in: Sequence[bool] | None = None, times: float = 1.0) -> Walk:
-  """Yields (eqn, times run per call, weight) for every linear equation of a
-  (closed or open) jaxpr; ``weight``: an operand depends only on invars marked
-  True in ``static_in`` (default: none). Returns, to a ``yield from``, which
-  outvars depend only on static inputs."""
+  """Yields (eqn, times run per call, (lhs static, rhs static)) for every linear
+  equation of a (closed or open) jaxpr; an operand is static when it depends
+  only on invars marked True in ``static_in`` (default: none): a stored
+  weight. Returns, to a ``yield from``, which outvars depend only on static
+  inputs."""
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   static = dict(zip(jaxpr.invars, static_in or [False] * len(jaxpr.invars)))
   static.update((v, True) for v in jaxpr.constvars)
@@ -73,7 +94,7 @@ def linear_eqns(jaxpr, static_in: Sequence[bool] | None = None, times: float = 1
     name = eqn.primitive.name
     res = None
     if name in LINEAR:
-      yield eqn, times, ins[0] or ins[1]
+      yield eqn, times, (ins[0], ins[1])
     elif name == "while":
       raise ValueError("cannot count a while loop's linear ops (unknown trip count); count "
                        "the loop body's function and multiply by the iterations run")
@@ -84,8 +105,7 @@ def linear_eqns(jaxpr, static_in: Sequence[bool] | None = None, times: float = 1
           t * op_flops(e) for e, t, _ in linear_eqns(b)))
       res = yield from linear_eqns(costliest, ins[1:], times)
     else:                    # pjit, custom_vjp/jvp calls, remat, shard_map: nested bodies
-      subs = [s for v in eqn.params.values() for s in (v if isinstance(v, (tuple, list)) else (v,))
-              if isinstance(s, (jex_core.Jaxpr, jex_core.ClosedJaxpr))]
+      subs = sub_jaxprs(eqn)
       for sub in subs:
         body = getattr(sub, "jaxpr", sub)
         mapped = len(subs) == 1 and len(body.invars) == len(ins)
