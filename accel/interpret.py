@@ -80,10 +80,9 @@ def _eval(graph: Graph, jaxpr, consts, args, on_linear: OnLinear, records: dict)
       outs = bind(eqn, invals)
     elif prim == "scan":
       outs = _scan(graph, eqn, invals, on_linear, records)
-    elif prim in _CALLS and len(subs) == 1 and len(getattr(subs[0], "jaxpr", subs[0]).invars) == len(invals):
-      body = subs[0]
-      outs = _eval(graph, getattr(body, "jaxpr", body), getattr(body, "consts", []), invals,
-                   on_linear, records)
+    elif prim in _CALLS and len(subs) == 1 and len(_open(subs[0]).invars) == len(invals):
+      outs = _eval(graph, _open(subs[0]), getattr(subs[0], "consts", []), invals, on_linear,
+                   records)
     else:
       raise UnmappedOpError(f"the model runs linear ops inside a '{prim}', which the datapath "
                             "interpreter does not enter (it maps them at top level, in nested "
@@ -91,6 +90,10 @@ def _eval(graph: Graph, jaxpr, consts, args, on_linear: OnLinear, records: dict)
     for v, val in zip(eqn.outvars, outs):
       env[v] = val
   return [read(v) for v in jaxpr.outvars]
+
+
+def _open(jaxpr):
+  return getattr(jaxpr, "jaxpr", jaxpr)
 
 
 def _scan(graph, eqn, invals, on_linear, records) -> list:
@@ -137,9 +140,6 @@ def snap(v: jax.Array, centroids_sorted: jax.Array) -> jax.Array:
   return c[nearest_sorted(v, c)]
 
 
-def _float(name, eqn, lhs, rhs):
-  return bind(eqn, [lhs, rhs])[0], None
-
 
 def _recording(name, eqn, lhs, rhs):
   return bind(eqn, [lhs, rhs])[0], (lhs, rhs)
@@ -154,11 +154,11 @@ def operands(graph: Graph, params: Any, x_calib: Any) -> dict[str, tuple[np.ndar
   """{op: (lhs, rhs)}: what every linear op multiplies on a calibration batch
   from the float model -- what codebooks
   are fitted on. Ops inside a scan come stacked over its iterations."""
-  out = _operands(_at(graph, params, x_calib), params, x_calib)
+  out = _operands(at(graph, params, x_calib), params, x_calib)
   return {k: (np.asarray(a), np.asarray(b)) for k, (a, b) in out.items()}
 
 
-def _at(graph: Graph, params, x) -> Graph:
+def at(graph: Graph, params, x) -> Graph:
   """The graph at ``x``'s shapes (another batch: re-traced, same op names)."""
   _structure(graph, params, x)
   g = graph.at(params, x)
@@ -202,9 +202,9 @@ def run(graph: Graph, params: Any, x: Any, enc: Encoding) -> Any:
   unknown = sorted(set(enc.books) - {o.name for o in graph.ops})
   if unknown:
     raise ValueError(f"codebooks for ops this model does not have: {unknown[:3]}")
-  return _run(_at(graph, params, x), params, x, enc.books)
+  return _run(at(graph, params, x), params, x, enc.books)
 
 
 def float_run(graph: Graph, params: Any, x: Any) -> Any:
   """The interpreted model with every op in float: equals ``apply(params, x)``."""
-  return _run(_at(graph, params, x), params, x, {})
+  return _run(at(graph, params, x), params, x, {})

@@ -204,4 +204,7 @@ def nearest_sorted(x: jax.Array, centroids_sorted: jax.Array) -> jax.Array:
   """Index of the nearest of ascending 1-D ``centroids_sorted`` for every value
   of ``x``: a search over the k-1 midpoints (what the associative memory does)."""
   mid = (centroids_sorted[1:] + centroids_sorted[:-1]) / 2
-  return jnp.searchsorted(mid, x, side="left").astype(jnp.int32)
+  # The unrolled binary search: same indices, 1.8x faster than the default
+  # while-loop scan on XLA:CPU (6.3M values into 255 midpoints: 0.26 vs 0.48 s);
+  # "compare_all" and "sort" took 20 s and 10 s.
+  return jnp.searchsorted(mid, x, side="left", method="scan_unrolled").astype(jnp.int32)

@@ -6,6 +6,7 @@ searches, the uniform-integer (AQT) baseline and the streaming FPGA model.
   python -m experiments.codex --model=cnn --dataset=fashion_mnist --board=zc706 \\
       --bits=w4a3,w2a2,w3a3,w4a4                    # compile one configuration
   python -m experiments.codex --model=mlp --dataset=mnist5k --bits=4 --board=zcu102
+  python -m experiments.codex --minilm [--full]     # all-MiniLM-L6-v2 on the datapaths
 
 Study mode writes ``<outdir>/CODEX.md``, ``codex_<mode>.json`` and figures
 (the float models are shared with the RAPIDNN study's workdirs). Compile mode
@@ -33,6 +34,8 @@ _BOARD = flags.DEFINE_string("board", "zc706", f"Board preset: {sorted(fpga.BOAR
 _BITS = flags.DEFINE_string("bits", "8", "Compile mode: '4' for every layer, or per layer "
                             "'w4a3,w2a2,...' ('a-': full-precision activations).")
 _STEPS = flags.DEFINE_integer("steps", 2000, "Compile mode: float training steps.")
+_MINILM = flags.DEFINE_bool("minilm", False, "Study all-MiniLM-L6-v2 on the datapaths instead "
+                            "(`make minilm`; quick: 2 widths, no search, ~3 min; --full ~30 min).")
 _OUT = flags.DEFINE_string("out", None, "Compile mode: the JSON report (default "
                            "<outdir>/<dataset>_<model>_<board>.json).")
 
@@ -73,6 +76,23 @@ def compile_one() -> None:
   print(f"wrote {out}")
 
 
+def minilm_study() -> None:
+  import json
+  from accel import minilm, minilm_section
+  plan = minilm.MiniLMPlan() if _FULL.value else minilm.MiniLMPlan.quick()
+  res = minilm.run(plan)
+  os.makedirs(_OUTDIR.value, exist_ok=True)
+  with open(os.path.join(_OUTDIR.value, f"codex_minilm_{'full' if _FULL.value else 'quick'}.json"),
+            "w") as f:
+    json.dump(res, f, indent=1, default=float)
+  sec = minilm_section.render(res)
+  out = os.path.join(_OUTDIR.value, "CODEX_MINILM.md")
+  with open(out, "w") as f:
+    f.write(f"## {sec.title}\n\n{sec.body}\n")
+  print(sec.body)
+  print(f"wrote {out}")
+
+
 def main(argv):
   del argv
   compile_flags.setup()
@@ -82,6 +102,9 @@ def main(argv):
       compile_one()
     except ValueError as e:
       raise app.UsageError(str(e)) from e
+    return
+  if _MINILM.value:
+    minilm_study()
     return
   from accel.codex import section
   report.write_report_or_exit(f"{_OUTDIR.value}/CODEX.md", [("codex", section.section)],

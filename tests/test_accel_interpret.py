@@ -37,6 +37,8 @@ def test_mlp_cnn_reproduce_the_op_list_emulators(model):
     np.testing.assert_array_equal(np.sort(legacy[layer]["w_c"]), enc.books[name]["rhs"])
   np.testing.assert_allclose(interpret.run(g, p, xt, enc), rapidnn.emulate(legacy, xt, ops),
                              atol=2e-5)
+  if model == "mlp":    # CodeX's bank fits 8 widths per layer: on the CNN only (pooled codes)
+    return
   # CodeX: per-layer mixed widths, one layer's input left float.
   n = len(program.linear_layers(ops))
   bits = codex.BitConfig(tuple(range(2, 2 + n)), (3,) * (n - 1) + (None,))
@@ -171,3 +173,24 @@ def test_minilm_at_8_bits_stays_within_cosine_0999_of_float():
   e = np.asarray(interpret.run(g, params, test, enc))
   cos = np.sum(e * e0, 1) / np.linalg.norm(e, axis=1) / np.linalg.norm(e0, axis=1)
   assert cos.mean() >= 0.999, cos
+
+
+def test_minilm_section_renders_the_records_it_is_given():
+  from accel import minilm_section
+  row = lambda b, cos, top1, scope="weights+activations": {
+      "bits": b, "scope": scope, "weights": float(b), "activations": float(b), "cos": cos,
+      "cos_se": 0.001, "cos_min": cos - 0.01, "top1": top1, "top1_se": 0.02, "n": 800}
+  res = {"ops": 48, "activation_ops": 12, "fit_s": 60.0,
+         "multiplies": {"total": 100, "datapath": 100, "float": 0},
+         "uniform": [row(8, 0.9996, 0.97), row(6, 0.995, 0.93), row(4, 0.84, 0.5)],
+         "aqt": [row(8, 0.993, 0.9), row(6, 0.98, 0.8), row(4, 0.991, 0.4)],
+         "search": {**row(4, 0.991, 0.91), "weights": 3.9, "activations": 4.0,
+                    "method": "greedy", "evaluations": 200, "wall_s": 600.0, "val_cos": 0.992},
+         "throughput": {"bits": 4, "float_warm": 76.0, "float_cold": 40.0,
+                        "emulator_warm": 26.0, "emulator_cold": 13.0}}
+  body = minilm_section.render(res).body
+  # a width counts only if every wider one passes too (AQT's 4-bit row does not count)
+  assert "cosine >= 0.99: CodeX uniform 6 bits, AQT 8 bits" in body
+  assert "cosine >= 0.995: CodeX uniform 6 bits, AQT > 8 bits" in body
+  assert "**met**" in body and "| 3.90 / 4.00 | 0.9910 ± 0.0010" in body
+  assert minilm_section.smallest_width([row(8, 0.98, 0), row(6, 0.995, 0)], 0.99) is None

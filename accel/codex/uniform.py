@@ -83,3 +83,39 @@ def accuracy(params: dict, ops: tuple[Op, ...], bits: tuple[int, ...], x, y) -> 
   changes no other example's result)."""
   apply = lambda p, xb: forward(p, ops, xb, bits)
   return 100.0 * evaluation.classifier_metrics(apply, params, x, y)["accuracy"]
+
+
+def interpreted(graph, bits: dict[str, int]):
+  """AQT on any model: ``accel.interpret``'s ``on_linear`` for a graph, op
+  ``name`` quantized to ``bits[name]`` (both operands; ops left out stay
+  float). AQT's drop-in ``dot_general`` takes the op's own dimension numbers,
+  attention's batched products included; convolutions go through the op-list
+  path above."""
+  from accel import interpret
+  known = {o.name for o in graph.ops}
+  unknown = sorted(set(bits) - known)
+  if unknown:
+    raise ValueError(f"AQT widths for ops this model does not have: {unknown[:3]}")
+  width = {k: check_bits(b, f"{k} integer bits") for k, b in bits.items()}
+
+  def on_linear(name, eqn, lhs, rhs):
+    if name not in width:
+      return interpret.bind(eqn, [lhs, rhs])[0], None
+    if eqn.primitive.name != "dot_general":
+      raise NotImplementedError(f"{name}: AQT through the interpreter maps dot_general only "
+                                f"(got {eqn.primitive.name})")
+    return _dense(width[name])(lhs, rhs, eqn.params["dimension_numbers"], None), None
+  return on_linear
+
+
+def run_interpreted(graph, params, x, bits: dict[str, int]):
+  """``graph``'s model with AQT-quantized ops (``interpreted``), jitted per width set."""
+  from accel import interpret
+  g = interpret.at(graph, params, x)
+  return _run_aqt(g, tuple(sorted(bits.items())), params, x)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _run_aqt(graph, bits_items, params, x):
+  from accel import interpret
+  return interpret.evaluate(graph, params, x, interpreted(graph, dict(bits_items)))[0]
