@@ -42,7 +42,8 @@ class MiniLMPlan:
   n_test: int = 800            # other held-out-book verses: what is reported
   widths: tuple[int, ...] = (8, 6, 5, 4, 3)
   budget: float = 4.0          # average bits, weights and activations each
-  evaluations: int = 200       # distinct configurations the search may evaluate
+  evaluations: int = 240       # distinct configurations the search may evaluate
+  probe_widths: tuple[int, ...] = (4, 3, 6, 5)   # the greedy's sensitivity probes; its floor
   chunk: int = 100             # verses per emulator call (one compiled shape)
   fit: codebooks.FitConfig = codebooks.FitConfig()
 
@@ -116,9 +117,8 @@ def run(plan: MiniLMPlan, progress: bool = True) -> dict:
   ref = {"val": embed(float_fn, v.val), "test": embed(float_fn, v.test)}
   t = time.perf_counter()
   operands = interpret.operands(g, params, v.calib)
-  bank = codebooks.Bank(g, operands, fit=plan.fit,
-                        widths=sorted(set(plan.widths) | ({1, 2, 3, 4, 5, 6, 7, 8}
-                                                          if plan.evaluations else set())))
+  searched = set(range(min(plan.probe_widths), 9)) if plan.evaluations else set()
+  bank = codebooks.Bank(g, operands, fit=plan.fit, widths=sorted(set(plan.widths) | searched))
   fit_s = time.perf_counter() - t
   say(f"MiniLM: {len(g.ops)} linear ops, codebooks fitted in {fit_s:.0f} s")
 
@@ -161,7 +161,7 @@ def _search(g, bank, plan, embed, encoded, ref, v, say) -> dict:
 
   p = search.Problem(2 * len(g.ops), evaluate, lambda k: cost(_bits_of(g, k)), plan.budget)
   t = time.perf_counter()
-  best = search.greedy(p, plan.evaluations)
+  best = search.greedy(p, plan.evaluations, widths=plan.probe_widths)
   wall = time.perf_counter() - t
   bits = _bits_of(g, tuple(best["bits"]))
   enc = bank.encoding(bits, pad=True)

@@ -141,12 +141,15 @@ def uniform(p: Problem) -> dict | None:
   return p.best()
 
 
-def greedy(p: Problem, evaluations: int, path_share: float = 0.25) -> dict | None:
+def greedy(p: Problem, evaluations: int, path_share: float = 0.25,
+           widths: tuple[int, ...] = (2, 4, 1, 3, 6, 5, 7)) -> dict | None:
   """Per-knob sensitivity, a greedy descent on it, then local refinement.
 
   Sensitivity: each knob alone at widths below 8 (the others at 8), in the
-  order 2, 4, 1, 3, 6, 5, 7 while (1 - ``path_share``) of the evaluations
-  last; unmeasured widths are interpolated. The descent predicts a
+  order ``widths`` while (1 - ``path_share``) of the evaluations last;
+  unmeasured widths are interpolated, and no knob goes below ``min(widths)``
+  (many knobs and few evaluations: probe the widths that matter, e.g.
+  (4, 3, 6, 5) for MiniLM's 96, where 1-2 bits only ever collapse it). The descent predicts a
   configuration's accuracy loss as the sum of its knobs' losses and walks from
   all-8, lowering one bit at a time the knob with the smallest predicted loss
   per unit of cost saved, until the budget is met (no evaluations: the cost is
@@ -157,7 +160,10 @@ def greedy(p: Problem, evaluations: int, path_share: float = 0.25) -> dict | Non
   base = p(top)
   measured = [{MAX_BITS: 0.0} for _ in range(p.knobs)]
   probe_budget = max(1, int(evaluations * (1 - path_share)))
-  for b in (2, 4, 1, 3, 6, 5, 7):
+  floor = min(widths)
+  if floor < 1 or max(widths) >= MAX_BITS:
+    raise ValueError(f"probe widths must lie in 1..{MAX_BITS - 1}, got {widths}")
+  for b in widths:
     for k in range(p.knobs):
       if p.evaluations >= probe_budget:
         break
@@ -173,11 +179,14 @@ def greedy(p: Problem, evaluations: int, path_share: float = 0.25) -> dict | Non
   while not p.feasible(tuple(cur)):      # walk on the prediction: no evaluations
     moves = []
     for k in range(p.knobs):
-      if cur[k] > 1:
+      if cur[k] > floor:
         nxt = cur.copy()
         nxt[k] -= 1
         saved = p.cost(tuple(cur)) - p.cost(tuple(nxt))
         moves.append(((drop[k, nxt[k]] - drop[k, cur[k]]) / max(saved, 1e-12), nxt))
+    if not moves:
+      raise ValueError(f"the budget {p.budget:.4g} is out of reach with every knob at "
+                       f">= {floor} bits (cost {p.cost(tuple(cur)):.4g})")
     cur = min(moves, key=lambda m: m[0])[1]
   cur = tuple(cur)
   p(cur)
@@ -188,7 +197,7 @@ def greedy(p: Problem, evaluations: int, path_share: float = 0.25) -> dict | Non
     improved = False
     cands = []
     for i, j in itertools.permutations(range(p.knobs), 2):
-      if cur[i] < MAX_BITS and cur[j] > 1:
+      if cur[i] < MAX_BITS and cur[j] > floor:
         c = list(cur)
         c[i] += 1
         c[j] -= 1
