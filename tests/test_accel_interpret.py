@@ -63,15 +63,14 @@ def test_transformers_interpret_exactly_and_any_batch_keeps_the_names():
   assert [o.name for o in g.at(p, t5).ops] == [o.name for o in g.ops]
   assert g.at(p, t5).ops[0].lhs_shape[0] == 5
   # codebooks fitted at batch 3 run at batch 5, attention products included
-  enc = codebooks.Bank(g, interpret.operands(g, p, t3), widths=(8,)).encoding(
-      codebooks.uniform(g, 8))
+  enc = codebooks.rapidnn(g, interpret.operands(g, p, t3), u=64, w=64)
   assert len(enc.books) == len(g.ops) == 9 * 2 + 1   # per block: q k v o, QK^T, PV, gate up down
   t5 = t5.at[:3].set(t3)                  # sequences are independent: rows 0-2 as at batch 3
   out3, out5 = interpret.run(g, p, t3, enc), interpret.run(g, p, t5, enc)
   np.testing.assert_allclose(out5[:3], out3, atol=1e-5)
   ref = jax.jit(f)(p, t5)
   rel = float(jnp.sqrt(jnp.mean((out5 - ref) ** 2) / jnp.mean(ref ** 2)))
-  assert 0 < rel < 0.05, rel
+  assert 0 < rel < 0.1, rel                # 64-entry codebooks on a random tiny LM: 0.05
 
 
 def test_snap_is_the_nearest_entry_and_padding_is_never_chosen():
