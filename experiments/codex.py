@@ -7,6 +7,7 @@ searches, the uniform-integer (AQT) baseline and the streaming FPGA model.
       --bits=w4a3,w2a2,w3a3,w4a4                    # compile one configuration
   python -m experiments.codex --model=mlp --dataset=mnist5k --bits=4 --board=zcu102
   python -m experiments.codex --minilm [--full]     # all-MiniLM-L6-v2 on the datapaths
+  python -m experiments.codex --classifier=vit --dataset=fashion_mnist   # any classifier, ditto
 
 Study mode writes ``<outdir>/CODEX.md``, ``codex_<mode>.json`` and figures
 (the float models are shared with the RAPIDNN study's workdirs). Compile mode
@@ -36,6 +37,9 @@ _BITS = flags.DEFINE_string("bits", "8", "Compile mode: '4' for every layer, or 
 _STEPS = flags.DEFINE_integer("steps", 2000, "Compile mode: float training steps.")
 _MINILM = flags.DEFINE_bool("minilm", False, "Study all-MiniLM-L6-v2 on the datapaths instead "
                             "(`make minilm`; quick: 2 widths, no search, ~3 min; --full ~30 min).")
+_CLASSIFIER = flags.DEFINE_enum("classifier", None, ["mlp", "cnn", "vit"],
+                                "Study this classifier on the datapaths through the interpreter "
+                                "(--dataset; e.g. vit on fashion_mnist, ~15 min).")
 _OUT = flags.DEFINE_string("out", None, "Compile mode: the JSON report (default "
                            "<outdir>/<dataset>_<model>_<board>.json).")
 
@@ -76,6 +80,18 @@ def compile_one() -> None:
   print(f"wrote {out}")
 
 
+def classifier_study() -> None:
+  import json
+  from accel import classifiers
+  plan = classifiers.ClassifierPlan(dataset=_DATASET.value, model=_CLASSIFIER.value)
+  workdir = os.path.join(_OUTDIR.value, "models", f"{plan.dataset}_{plan.model}_{plan.steps}")
+  res = classifiers.run(plan, workdir)
+  out = os.path.join(_OUTDIR.value, f"codex_{plan.dataset}_{plan.model}.json")
+  with open(out, "w") as f:
+    json.dump(res, f, indent=1, default=float)
+  print(f"wrote {out}")
+
+
 def minilm_study() -> None:
   import json
   from accel import minilm, minilm_section
@@ -105,6 +121,9 @@ def main(argv):
     return
   if _MINILM.value:
     minilm_study()
+    return
+  if _CLASSIFIER.value:
+    classifier_study()
     return
   from accel.codex import section
   report.write_report_or_exit(f"{_OUTDIR.value}/CODEX.md", [("codex", section.section)],
