@@ -120,10 +120,13 @@ def linear_ops_alone(fn: Callable, *args, repeats: int = 7) -> dict:
       groups[key] = [eqn, t]
   rng = np.random.default_rng(0)
   seconds = total_flops = 0.0
+  rows = []
   for eqn, t in groups.values():
     ops = [jnp.asarray(rng.standard_normal(v.aval.shape), v.aval.dtype) for v in eqn.invars]
     f = jax.jit(lambda *a, eqn=eqn: eqn.primitive.bind(*a, **eqn.params))
     jax.block_until_ready(f(*ops))
-    seconds += t * median_time(lambda: f(*ops), repeats)
+    each = median_time(lambda: f(*ops), repeats)
+    rows.append({"primitive": eqn.primitive.name, "count": t, "seconds_each": each})
+    seconds += t * each
     total_flops += t * jaxpr_ops.op_flops(eqn)
-  return {"seconds": seconds, "flops": total_flops, "distinct_ops": len(groups)}
+  return {"seconds": seconds, "flops": total_flops, "distinct_ops": len(groups), "ops": rows}
