@@ -28,6 +28,7 @@ from accel.interpret import Encoding
 from accel.kmeans import kmeans
 
 MAX_BITS = 8
+FULL_PRECISION_BITS = 16   # what an unencoded operand costs (16-bit fixed point)
 SIDES = ("lhs", "rhs")
 Bits = dict[str, tuple[int | None, int | None]]   # op -> (lhs bits, rhs bits); None: float
 
@@ -186,6 +187,7 @@ class Bank:
 
 
 def check_bits(b, what: str) -> int:
+  """``b`` as an int, or a clear error unless it is an integer in 1..MAX_BITS."""
   if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= MAX_BITS:
     raise ValueError(f"{what} must be an integer number of bits in 1..{MAX_BITS}, got {b!r}")
   return int(b)
@@ -225,14 +227,14 @@ def label(bits: Bits) -> str:
 
 def average_bits(graph: Graph, bits: Bits) -> dict[str, float]:
   """Element-weighted mean width of the stored weights (each counted once) and
-  of the activation operands (per traced call); float operands count as 16
-  bits (what an unencoded value costs as 16-bit fixed point)."""
+  of the activation operands (per traced call); float operands count as
+  ``FULL_PRECISION_BITS``."""
   w_n = w_b = a_n = a_b = 0.0
   for op in graph.ops:
     widths = bits.get(op.name, (None, None))
     for side, shape, b in zip(SIDES, (op.lhs_shape, op.rhs_shape), widths):
       n = float(np.prod(shape))
-      b = 16 if b is None else b
+      b = FULL_PRECISION_BITS if b is None else b
       if op.weight_side == side:
         w_n, w_b = w_n + n, w_b + n * b
       else:

@@ -26,18 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from accel import rapidnn
+# One definition of the widths for the op-list path and the interpreter's codebooks.
+from accel.codebooks import FULL_PRECISION_BITS, MAX_BITS, check_bits  # noqa: F401
 from accel.kmeans import nearest_sorted
 from accel.program import Op, linear_layers
 from core.models import cnn
-
-MAX_BITS = 8
-FULL_PRECISION_BITS = 16   # what an unencoded activation costs (16-bit fixed point)
-
-
-def check_bits(b, what: str) -> int:
-  if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= MAX_BITS:
-    raise ValueError(f"{what} must be an integer number of bits in 1..{MAX_BITS}, got {b!r}")
-  return int(b)
 
 
 @dataclasses.dataclass(frozen=True)
