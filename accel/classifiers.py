@@ -16,6 +16,7 @@ import time
 
 from accel import codebooks, graph, interpret
 from accel.codex import uniform
+from accel.study import binomial_se
 from core import data, evaluation
 from core.models import CLASSIFIERS
 from core.recipes import train_classifier
@@ -38,10 +39,6 @@ class ClassifierPlan:
       raise ValueError(f"unknown classifier {self.model!r}; have {sorted(CLASSIFIERS)}")
 
 
-def _se(acc: float, n: int) -> float:
-  return 100 * (acc / 100 * (1 - acc / 100) / n) ** 0.5
-
-
 def run(plan: ClassifierPlan, workdir: str | None, progress: bool = True) -> dict:
   """Float, CodeX (uniform widths, with and without activations), RAPIDNN
   tables and AQT test accuracies of one trained classifier."""
@@ -59,7 +56,7 @@ def run(plan: ClassifierPlan, workdir: str | None, progress: bool = True) -> dic
 
   def acc(fn) -> dict:
     a = 100 * evaluation.classifier_metrics(fn, params, ds.x_test, ds.y_test)["accuracy"]
-    return {"acc": a, "se": _se(a, n)}
+    return {"acc": a, "se": binomial_se(a, n)}
 
   out = {"model": plan.model, "dataset": ds.name, "n_test": n, "ops": len(g.ops),
          "activation_ops": sum(not o.weight for o in g.ops), "float": acc(apply)}
@@ -88,6 +85,6 @@ def run(plan: ClassifierPlan, workdir: str | None, progress: bool = True) -> dic
     r = {"bits": b, **acc(lambda p, x, _w=widths: uniform.run_interpreted(g, p, x, _w))}
     out["aqt"].append(r)
     say(f"  AQT int{b}: {r['acc']:.2f}%")
-  rows, total = codebooks.accounting(g, bank.encoding(codebooks.uniform(g, plan.widths[0])))
+  _, total = codebooks.accounting(g, bank.encoding(codebooks.uniform(g, plan.widths[0])))
   out["multiplies"] = total
   return out

@@ -195,12 +195,7 @@ def check_bits(b, what: str) -> int:
 
 def check_config(graph: Graph, bits: Bits) -> None:
   """A clear error for widths naming ops this model does not have, or bad widths."""
-  known = {o.name for o in graph.ops}
-  unknown = sorted(set(bits) - known)
-  if unknown:
-    raise ValueError(f"bit widths for ops this model does not have: {unknown[:3]} (it has "
-                     f"{len(known)} linear ops, e.g. {sorted(known)[:2]}): a configuration "
-                     "made for another model?")
+  graph.check_ops(bits, "bit widths")
   for name, widths in bits.items():
     if len(widths) != 2:
       raise ValueError(f"{name}: widths are (lhs bits, rhs bits), got {widths!r}")

@@ -17,7 +17,6 @@ order) tells one model's configurations from another's.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 from typing import Any, Callable
 
@@ -58,17 +57,16 @@ class Graph:
   x_tree: Any
   out_tree: Any
   fingerprint: str                 # of the ops' primitives and stored-weight shapes, batch-free
+  _shapes: dict = dataclasses.field(default_factory=dict, repr=False)   # at()'s re-traces
 
-  def op(self, name: str) -> LinearOp:
-    return self._by_name[name]
-
-  @functools.cached_property
-  def _by_name(self) -> dict[str, LinearOp]:
-    return {o.name: o for o in self.ops}
-
-  @functools.cached_property
-  def _shapes(self) -> dict:
-    return {}
+  def check_ops(self, names, what: str) -> None:
+    """A clear error when ``names`` (of codebooks, widths) hold ops this graph lacks."""
+    known = {o.name for o in self.ops}
+    unknown = sorted(set(names) - known)
+    if unknown:
+      raise ValueError(f"{what} for ops this model does not have: {unknown[:3]} (it has "
+                       f"{len(known)} linear ops, e.g. {sorted(known)[:2]}): made for another "
+                       "model, or for this one traced at another shape?")
 
   def at(self, params: Any, x: Any) -> "Graph":
     """This graph re-traced at ``x``'s shapes (cached), its ops keeping this
@@ -86,7 +84,7 @@ class Graph:
       rename = dict(zip((o.name for o in other.ops), (o.name for o in self.ops)))
       ops = tuple(dataclasses.replace(o, name=rename[o.name]) for o in other.ops)
       names = {k: rename[v] for k, v in other.names.items()}
-      self._shapes[key] = dataclasses.replace(other, ops=ops, names=names)
+      self._shapes[key] = dataclasses.replace(other, ops=ops, names=names, _shapes={})
     return self._shapes[key]
 
 

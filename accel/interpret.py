@@ -152,8 +152,8 @@ def _operands(graph, params, x):
 
 def operands(graph: Graph, params: Any, x_calib: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{op: (lhs, rhs)}: what every linear op multiplies on a calibration batch
-  from the float model -- what codebooks
-  are fitted on. Ops inside a scan come stacked over its iterations."""
+  in the float model -- what codebooks are fitted on. Ops inside a scan come
+  stacked over its iterations."""
   out = _operands(at(graph, params, x_calib), params, x_calib)
   return {k: (np.asarray(a), np.asarray(b)) for k, (a, b) in out.items()}
 
@@ -199,9 +199,7 @@ def run(graph: Graph, params: Any, x: Any, enc: Encoding) -> Any:
   if enc.fingerprint != graph.fingerprint:
     raise ValueError(f"these codebooks ({enc.label or 'an encoding'}) were fitted for another "
                      f"model (fingerprint {enc.fingerprint}, this model's {graph.fingerprint})")
-  unknown = sorted(set(enc.books) - {o.name for o in graph.ops})
-  if unknown:
-    raise ValueError(f"codebooks for ops this model does not have: {unknown[:3]}")
+  graph.check_ops(enc.books, "codebooks")
   return _run(at(graph, params, x), params, x, enc.books)
 
 

@@ -31,9 +31,6 @@ from core import data, pretrained
 from core.models import bert
 from subclone import minilm as sub_minilm
 
-SIDES = codebooks.SIDES
-
-
 @dataclasses.dataclass(frozen=True)
 class MiniLMPlan:
   max_len: int = 64            # word pieces per verse (95% fit)
@@ -127,7 +124,7 @@ def run(plan: MiniLMPlan, progress: bool = True) -> dict:
 
   out = {"ops": len(g.ops), "activation_ops": sum(not o.weight for o in g.ops),
          "fit_s": fit_s, "uniform": [], "aqt": []}
-  rows, total = codebooks.accounting(g, bank.encoding(codebooks.uniform(g, plan.widths[0])))
+  _, total = codebooks.accounting(g, bank.encoding(codebooks.uniform(g, plan.widths[0])))
   out["multiplies"] = total
   for b in plan.widths:
     for weight_only in (False, True):

@@ -3,9 +3,6 @@ records in, Markdown out."""
 
 from __future__ import annotations
 
-import json
-import os
-
 from core import report
 
 
@@ -70,22 +67,3 @@ def render(res: dict) -> report.Section:
                "each call.")
   return report.Section("CodeX / RAPIDNN datapaths on all-MiniLM-L6-v2 (any JAX model)",
                         "\n\n".join(parts))
-
-
-def section(quick: bool, outdir: str, progress: bool = True) -> report.Section:
-  """Full mode only (quick mode and an absent package say so)."""
-  from accel import minilm
-  from core import pretrained
-  title = "CodeX / RAPIDNN datapaths on all-MiniLM-L6-v2 (any JAX model)"
-  if quick:
-    return report.Section(title, "Full mode only (`python -m experiments.codex --minilm "
-                                 "--full`; ~30 min).")
-  try:
-    pretrained.minilm_dir()
-  except pretrained.PretrainedNotFoundError as e:
-    return report.Section(title, f"Skipped: {e}")
-  res = minilm.run(minilm.MiniLMPlan(), progress)
-  os.makedirs(outdir, exist_ok=True)
-  with open(os.path.join(outdir, "codex_minilm.json"), "w") as f:
-    json.dump(res, f, indent=1, default=float)
-  return render(res)

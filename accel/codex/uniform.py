@@ -92,10 +92,7 @@ def interpreted(graph, bits: dict[str, int]):
   attention's batched products included; convolutions go through the op-list
   path above."""
   from accel import interpret
-  known = {o.name for o in graph.ops}
-  unknown = sorted(set(bits) - known)
-  if unknown:
-    raise ValueError(f"AQT widths for ops this model does not have: {unknown[:3]}")
+  graph.check_ops(bits, "AQT widths")
   width = {k: check_bits(b, f"{k} integer bits") for k, b in bits.items()}
 
   def on_linear(name, eqn, lhs, rhs):
