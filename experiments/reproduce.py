@@ -15,6 +15,7 @@ from experiments import compile_flags
 from secure.cleann import section as cleann_section
 from secure.curtail import section as curtail_section
 from spd_jax import latency_report, study
+from spd_jax import minilm_section as spd_minilm_section
 from subclone import section as subclone_section
 
 _FULL = flags.DEFINE_bool("full", False, "Run the full (slow) experiments.")
@@ -26,6 +27,7 @@ SECTIONS: list[tuple[str, report.SectionFn]] = [
     ("baselines", baselines.section),
     ("spd_latency", latency_report.section),
     ("spd_accuracy", study.section),
+    ("spd_minilm", spd_minilm_section.section),             # full mode only; needs `make minilm`
     ("subclone", subclone_section.section),
     ("subclone_minilm", subclone_section.minilm_section),   # full mode only; needs `make minilm`
     ("rapidnn", rapidnn_section.section),

@@ -5,8 +5,10 @@ against the fraction of attention syncs dropped, for several TP sizes.
   python -m experiments.spd_study                  # quick mode (the main job's section), minutes
   python -m experiments.spd_study --config=deep    # the 16-block study + sync planner (= --full)
   python -m experiments.spd_study --config=full8   # the earlier 8-block study model
+  python -m experiments.spd_study --config=minilm  # all-MiniLM-L6-v2 (needs `make minilm`)
 
-Finished evaluations are kept in <outdir>/spd_study_cache.json: an interrupted run resumes,
+Finished evaluations are kept in <outdir>/spd_study_cache.json (MiniLM:
+spd_minilm_cache.json): an interrupted run resumes,
 and a changed config or model starts afresh (the old file is set aside).
 """
 
@@ -16,9 +18,9 @@ from absl import app, flags, logging
 
 from core import report
 from experiments import compile_flags
-from spd_jax import study
+from spd_jax import minilm_section, study
 
-_CONFIG = flags.DEFINE_enum("config", None, list(study.CONFIGS),
+_CONFIG = flags.DEFINE_enum("config", None, list(study.CONFIGS) + ["minilm"],
                             "Study config (default: quick, or deep with --full).")
 _FULL = flags.DEFINE_bool("full", False, "Same as --config=deep.")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None,
@@ -38,6 +40,11 @@ def main(argv):
   compile_flags.setup()
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   name = _CONFIG.value or ("deep" if _FULL.value else "quick")
+  if name == "minilm":
+    report.write_report_or_exit(f"{_OUTDIR.value}/REPORT.md",
+                                [("spd_minilm", minilm_section.section)], quick=False,
+                                outdir=_OUTDIR.value, echo=True)
+    return
   cfg = study.CONFIGS[name]
   over = {}
   if _TP.value:

@@ -1,8 +1,10 @@
-"""The one place that maps LM parameter paths to PartitionSpecs (Megatron TP).
+"""The one place that maps transformer parameter paths to PartitionSpecs (Megatron TP),
+for the byte LM (``core.models.lm``) and BERT (``core.models.bert``) alike.
 
 Column-parallel (split the output features): Q/K/V over heads, MLP gate/up
-over hidden units. Row-parallel (split the input features, all-reduce the
-output): attention out-projection over heads, MLP down over hidden units.
+(BERT: w_in) over hidden units. Row-parallel (split the input features, all-reduce
+the output): attention out-projection over heads, MLP down (BERT: w_out) over
+hidden units.
 Everything else -- embeddings, norms, row-parallel output biases, the
 unembedding -- is replicated.
 """
@@ -29,10 +31,12 @@ _SPECS = {
     # MLP, column-parallel then row-parallel over hidden units
     "w_gate": P(None, TP), "w_up": P(None, TP), "b_gate": P(TP), "b_up": P(TP),
     "w_down": P(TP, None),
+    # BERT's MLP (core.models.bert): the same split under its names
+    "w_in": P(None, TP), "b_in": P(TP), "w_out": P(TP, None),
 }
 
 
-def check_tp_size(cfg: LMConfig, tp: int) -> None:
+def check_tp_size(cfg: Any, tp: int) -> None:
   """Raises a clear error unless every device can hold whole query heads, an equal MLP
   slice, and either whole KV heads or (TP a multiple of the KV heads) one replicated KV
   head whose query heads it holds (see ``tp_config``)."""
@@ -137,6 +141,31 @@ def place(x: Any, mesh: Mesh, spec: P) -> jax.Array:
 def replicate(x: Any, mesh: Mesh) -> jax.Array:
   """A host value as a replicated global array (needed when the mesh spans processes)."""
   return place(x, mesh, P())
+
+
+def _device_axis(name: str) -> int | None:
+  spec = _SPECS.get(name)
+  return None if spec is None else list(spec).index(TP)
+
+
+def device_stack(params: Any, n: int) -> tuple[Any, Any]:
+  """Every parameter as ``n`` devices hold it, for ``jax.vmap(..., axis_name=TP)``:
+  sharded leaves (``param_spec``) split along their TP axis and stacked on a new
+  leading axis, the rest as they are; returns (stacked params, vmap in_axes: 0 or
+  None per leaf). Lets one device run the shard_map body of N, psums included."""
+  def one(path, x):
+    axis = _device_axis(getattr(path[-1], "key", None)) if param_spec(path, x) != P() else None
+    if axis is None:
+      return x, None
+    if x.shape[axis] % n:
+      raise ValueError(f"{jax.tree_util.keystr(path)}: axis {axis} of size {x.shape[axis]} "
+                       f"does not split over {n} devices")
+    shape = x.shape[:axis] + (n, x.shape[axis] // n) + x.shape[axis + 1:]
+    return jax.numpy.moveaxis(x.reshape(shape), axis, 0), 0
+  pairs = jax.tree_util.tree_map_with_path(one, params)
+  is_pair = lambda t: isinstance(t, tuple) and len(t) == 2 and not isinstance(t[0], tuple)
+  return (jax.tree_util.tree_map(lambda t: t[0], pairs, is_leaf=is_pair),
+          jax.tree_util.tree_map(lambda t: t[1], pairs, is_leaf=is_pair))
 
 
 def split_for_devices(sub: dict, n: int) -> dict:

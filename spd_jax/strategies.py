@@ -11,13 +11,18 @@
   same block-output error B2B minimises (the paper's indicators -- attention
   statistics, MLP-output norm -- are proxies for it); greedy pairwise swaps of
   KV groups between devices, accepted only when the error drops. Then B2B.
+
+The strategies work on any model family whose blocks the study can run one at a
+time (``Family``): the byte LM (``LM``, the default) and BERT (``bert_tp.FAMILY``).
+A block's input is a pytree whose leaves lead with the example axis (the LM: the
+residual stream; BERT: (hidden states, attention mask)).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +42,25 @@ class B2BConfig:
   seed: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """How the strategies run one model family's blocks.
+
+  teacher_io(params, calib, cfg) -> (per-block inputs, per-block dense outputs);
+  spd_block(p_block, inputs, cfg, n_devices, residual) -> the SPD block's output."""
+  teacher_io: Callable[[dict, Any, Any], tuple[list, list]]
+  spd_block: Callable[..., jax.Array]
+
+
+def _lm_teacher_io(params: dict, tokens, cfg: lm.LMConfig) -> tuple[list, list]:
+  xs = emulate.block_inputs(params, jnp.asarray(tokens), cfg)
+  last = lm.block(params[lm.block_key(cfg.n_layers - 1)], xs[-1], jnp.asarray(0, jnp.int32), cfg)[0]
+  return xs, xs[1:] + [last]
+
+
+LM = Family(_lm_teacher_io, emulate.spd_block)
+
+
 def zero_shot(params: dict, plan: SyncPlan, calib_tokens=None, **_) -> tuple[dict, SyncPlan]:
   return params, plan
 
@@ -45,27 +69,31 @@ def _dropped(plan: SyncPlan, blocks: Sequence[int] | None) -> list[int]:
   return [i for i in range(plan.n_layers) if plan.drop_attn[i]] if blocks is None else list(blocks)
 
 
-def teacher_io(params: dict, tokens, cfg: lm.LMConfig) -> tuple[list, list]:
-  """Dense inputs and outputs of every block on ``tokens``."""
-  xs = emulate.block_inputs(params, jnp.asarray(tokens), cfg)
-  last = lm.block(params[lm.block_key(cfg.n_layers - 1)], xs[-1], jnp.asarray(0, jnp.int32), cfg)[0]
-  return xs, xs[1:] + [last]
+def teacher_io(params: dict, calib, cfg, family: Family = LM) -> tuple[list, list]:
+  """Dense inputs and outputs of every block on the calibration data."""
+  return family.teacher_io(params, calib, cfg)
 
 
-def block_error(p_block: dict, x, target, cfg: lm.LMConfig, n_devices: int,
-                residual: str = "sum") -> jax.Array:
+def block_error(p_block: dict, x, target, cfg, n_devices: int, residual: str = "sum",
+                family: Family = LM) -> jax.Array:
   """Mean squared error of the SPD block against the dense block's output."""
-  return jnp.mean(jnp.square(emulate.spd_block(p_block, x, cfg, n_devices, residual) - target))
+  return jnp.mean(jnp.square(family.spd_block(p_block, x, cfg, n_devices, residual) - target))
 
 
-def b2b(params: dict, plan: SyncPlan, calib_tokens, *, cfg: lm.LMConfig, n_devices: int,
+def _rows(tree, idx):
+  return jax.tree_util.tree_map(lambda a: a[idx], tree)
+
+
+def b2b(params: dict, plan: SyncPlan, calib_tokens, *, cfg, n_devices: int,
         blocks: Sequence[int] | None = None, config: B2BConfig = B2BConfig(),
-        residual: str = "sum") -> tuple[dict, SyncPlan]:
+        residual: str = "sum", family: Family = LM) -> tuple[dict, SyncPlan]:
   """Distils each dropped block (or ``blocks``) under SPD; other params untouched."""
-  xs, ys = teacher_io(params, calib_tokens, cfg)
-  xs, ys = [np.asarray(x) for x in xs], [np.asarray(y) for y in ys]  # cheap host-side batching
+  xs, ys = teacher_io(params, calib_tokens, cfg, family)
+  to_host = lambda t: jax.tree_util.tree_map(np.asarray, t)  # cheap host-side batching
+  xs, ys = to_host(xs), to_host(ys)
   opt = optax.adam(config.lr)
-  loss_fn = functools.partial(block_error, cfg=cfg, n_devices=n_devices, residual=residual)
+  loss_fn = functools.partial(block_error, cfg=cfg, n_devices=n_devices, residual=residual,
+                              family=family)
 
   @jax.jit
   def step(p, opt_state, x, y):
@@ -74,27 +102,27 @@ def b2b(params: dict, plan: SyncPlan, calib_tokens, *, cfg: lm.LMConfig, n_devic
     return optax.apply_updates(p, updates), opt_state, loss
 
   out = dict(params)
-  n = xs[0].shape[0]
+  n = len(ys[0])
   for i in _dropped(plan, blocks):
     p = params[lm.block_key(i)]
     opt_state = opt.init(p)
     rng = np.random.default_rng([config.seed, i])
     for _ in range(config.steps):
       idx = rng.integers(0, n, min(config.batch, n))
-      p, opt_state, _ = step(p, opt_state, xs[i][idx], ys[i][idx])
+      p, opt_state, _ = step(p, opt_state, _rows(xs[i], idx), ys[i][idx])
     out[lm.block_key(i)] = p
   return out, plan
 
 
-def head_grouping(params: dict, plan: SyncPlan, calib_tokens, *, cfg: lm.LMConfig,
-                  n_devices: int, blocks: Sequence[int] | None = None, rounds: int = 3,
-                  residual: str = "sum") -> tuple[dict, SyncPlan]:
+def head_grouping(params: dict, plan: SyncPlan, calib_tokens, *, cfg, n_devices: int,
+                  blocks: Sequence[int] | None = None, rounds: int = 3,
+                  residual: str = "sum", family: Family = LM) -> tuple[dict, SyncPlan]:
   """Reorders each dropped block's heads to minimise its SPD output error.
 
   The dense model's function is unchanged (tested); the objective never
   increases, since only improving swaps are kept.
   """
-  xs, ys = teacher_io(params, calib_tokens, cfg)
+  xs, ys = teacher_io(params, calib_tokens, cfg, family)
   g = cfg.n_heads // cfg.kv_heads
   # Units the search swaps between devices: whole KV groups, or -- when TP exceeds the
   # KV heads and each group spans several devices -- query heads within one group.
@@ -109,7 +137,8 @@ def head_grouping(params: dict, plan: SyncPlan, calib_tokens, *, cfg: lm.LMConfi
 
   @jax.jit
   def objective(p_block, q_idx, x, y):
-    return block_error(heads.reorder_block(p_block, cfg, q_idx), x, y, cfg, n_devices, residual)
+    return block_error(heads.reorder_block(p_block, cfg, q_idx), x, y, cfg, n_devices, residual,
+                       family)
 
   out = dict(params)
   for i in _dropped(plan, blocks):
@@ -134,11 +163,11 @@ def head_grouping(params: dict, plan: SyncPlan, calib_tokens, *, cfg: lm.LMConfi
   return out, plan
 
 
-def full_stack(params: dict, plan: SyncPlan, calib_tokens, *, cfg: lm.LMConfig,
-               n_devices: int, config: B2BConfig = B2BConfig(), residual: str = "sum"
-               ) -> tuple[dict, SyncPlan]:
+def full_stack(params: dict, plan: SyncPlan, calib_tokens, *, cfg, n_devices: int,
+               config: B2BConfig = B2BConfig(), residual: str = "sum",
+               family: Family = LM) -> tuple[dict, SyncPlan]:
   """ZS + HG + B2B on every dropped block."""
   params, plan = head_grouping(params, plan, calib_tokens, cfg=cfg, n_devices=n_devices,
-                               residual=residual)
+                               residual=residual, family=family)
   return b2b(params, plan, calib_tokens, cfg=cfg, n_devices=n_devices, config=config,
-             residual=residual)
+             residual=residual, family=family)

@@ -138,3 +138,45 @@ def hf_bert_hidden(t, hf, ids, mask):
     a = lin(x, p + "intermediate.dense")
     x = ln(x + lin(0.5 * a * (1 + erf(a / np.sqrt(2))), p + "output.dense"), p + "output.LayerNorm")
   return x
+
+
+def bert_embedding(params, ids, mask, cfg, n_devices=1, drop=None):
+  """Sentence embeddings of our BERT layout under TP at ``n_devices``; with ``drop[i]``
+  block i is an SPD block: device d (heads [d*H/N, (d+1)*H/N), MLP units likewise) feeds
+  its MLP LN1(x + its heads' output), and one sum carries both partials."""
+  from scipy.special import erf
+  p = to_np(params)
+  drop = drop or [False] * cfg.n_layers
+  hd, fd, dh = cfg.n_heads // n_devices, cfg.d_ff // n_devices, cfg.head_dim
+  ln = lambda x, q: _np_ln(x, q["scale"], q["bias"], cfg.norm_eps)
+  out = []
+  for seq, m in zip(np.asarray(ids), np.asarray(mask)):
+    e = p["embed"]
+    x = ln(e["word"][seq] + e["position"][:len(seq)] + e["token_type"][0], e["norm"])
+    for i in range(cfg.n_layers):
+      b = p[f"block_{i}"]
+      a, f = b["attn"], b["mlp"]
+
+      def heads_out(hs):
+        o = 0.0
+        for j in hs:
+          q, k, v = (x @ a[w][:, j] + a[c][j] for w, c in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
+          s = np.where(m[None, :] > 0, q @ k.T / np.sqrt(dh), -np.inf)
+          o = o + (_softmax(s) @ v) @ a["wo"][j]
+        return o
+
+      def mlp_out(y, units):
+        u = y @ f["w_in"][:, units] + f["b_in"][units]
+        return (0.5 * u * (1 + erf(u / np.sqrt(2)))) @ f["w_out"][units]
+
+      o = [heads_out(range(d * hd, (d + 1) * hd)) for d in range(n_devices)]
+      units = [np.arange(d * fd, (d + 1) * fd) for d in range(n_devices)]
+      y = ln(x + sum(o) + a["bo"], b["attn_norm"])
+      if drop[i]:
+        z = sum(mlp_out(ln(x + o[d] + a["bo"], b["attn_norm"]), units[d]) for d in range(n_devices))
+      else:
+        z = sum(mlp_out(y, u) for u in units)
+      x = ln(y + z + f["b_out"], b["mlp_norm"])
+    pooled = (x * m[:, None]).sum(0) / m.sum()
+    out.append(pooled / np.linalg.norm(pooled))
+  return np.stack(out)

@@ -52,6 +52,12 @@ class BertConfig:
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
 
+  @property
+  def kv_heads(self) -> int:
+    """Plain multi-head attention: one KV head per query head (the LM's name, so head
+    permutation and TP sharding read both configs alike)."""
+    return self.n_heads
+
 
 def block_key(i: int) -> str:
   return f"block_{i}"
