@@ -29,7 +29,7 @@ class BenchConfig:
   decode_steps: int = 16
   repeats: int = 7
   fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-  codecs: tuple[str, ...] = ("bf16", "int8")  # every sync compressed, nothing dropped
+  codecs: tuple[str, ...] = ("bf16", "int8", "int4")  # every sync compressed, none dropped
   algorithms: tuple[str, ...] = ("two_shot", "one_shot")  # compress.ALGORITHMS
   ar_sizes: tuple[int, ...] = (256, 4096, 65536, 262144, 1048576)  # float32 elements
 

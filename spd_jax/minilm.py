@@ -48,13 +48,15 @@ STRATEGIES = ("ZS", "ZS+B2B", "ZS+B2B+HG")
 class MiniLMStudy:
   tp_sizes: tuple[int, ...] = (2, 4, 6)
   max_len: int = 64             # word pieces per verse (95% of verses fit)
-  n_calib: int = 512            # training-book verses: sensitivity, B2B, head grouping
+  n_calib: int = 384            # training-book verses: sensitivity, B2B, head grouping
   n_val: int = 200              # held-out-book verses: the budget rule
   n_test: int = 800             # other held-out-book verses: what is reported
   min_top1: float = 0.95        # the targets, applied on validation
   min_cos: float = 0.99
-  b2b: strategies.B2BConfig = strategies.B2BConfig(steps=200, lr=1e-4, batch=16)
-  hg_rounds: int = 2
+  # lr 1e-4 over 3e-4: higher top-1 agreement on validation verses for the last block
+  # at TP=4 (0.89 vs 0.86 of 100). ~3 passes over the calibration verses per block.
+  b2b: strategies.B2BConfig = strategies.B2BConfig(steps=150, lr=1e-4, batch=8)
+  hg_rounds: int = 1
   chunk: int = 100              # verses per forward call (one compiled shape)
 
   def __post_init__(self):

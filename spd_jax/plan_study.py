@@ -133,7 +133,7 @@ def run(params, donor, cfg: lm.LMConfig, n: int, calib_windows, test_windows,
 
 
 def _plan_text(attn, mlp) -> str:
-  short = {"keep": "K", "drop": "D", "f32": "F", "bf16": "B", "int8": "8"}
+  short = {"keep": "K", "drop": "D", "f32": "F", "bf16": "B", "int8": "8", "int4": "4"}
   return " ".join(short[a] + short[m] for a, m in zip(attn, mlp))
 
 

@@ -137,7 +137,7 @@ def test_compressed_all_reduce_against_exact_sum_and_numpy(n):
   assert (np.abs(bf16 - exact) <= tol).all() and np.abs(bf16 - exact).max() > 0
   int8, hlo = _sharded_sync("int8", parts)
   np.testing.assert_allclose(int8, _np_int8_sync(parts), atol=1e-5, rtol=1e-5)
-  bound = np.asarray(compress.int8_error_bound(jnp.asarray(parts)))
+  bound = np.asarray(compress.error_bound(jnp.asarray(parts), "int8"))
   err = np.abs(int8 - exact)
   assert (err <= bound + 1e-6).all() and err.max() > 0.05 * bound.max()
   assert np.isfinite(int8).all() and (int8[0, 0] == 0).all()
@@ -157,6 +157,49 @@ def test_compressed_all_reduce_against_exact_sum_and_numpy(n):
   assert [op for op, _ in tp.collective_payloads(hlo1)] == ["all-gather"]
   with pytest.raises(ValueError, match="unknown compressed all-reduce algorithm"):
     _sharded_sync("int8", parts, "three_shot")
+
+
+def _np_int4_sync(parts, block=16):
+  """A NumPy int4 sync from the definition: per block of ``block`` values of a chunk, a
+  symmetric scale max|x| / 7, values rounded to [-7, 7]; sum the N decoded chunks and
+  requantise the reduced one the same way."""
+  n = parts.shape[0]
+  c = parts.reshape(*parts.shape[:-1], n, -1, block).astype(np.float64)
+
+  def q(x):
+    s = np.abs(x).max(-1, keepdims=True) / 7
+    s = np.where(s > 0, s, 1)
+    return np.clip(np.round(x / s), -7, 7) * s
+  return q(q(c).sum(0)).reshape(parts.shape[1:])
+
+
+def test_int4_sync_against_numpy_the_bound_and_the_wire():
+  n, d = 4, 64   # chunks of 16: one int4 block each
+  rng = np.random.default_rng(7)
+  parts = (rng.standard_normal((n, 2, 3, d)) * rng.uniform(0.1, 10, (n, 2, 3, 1))).astype(np.float32)
+  parts[:, 0, 0] = 0
+  exact = parts.astype(np.float64).sum(0)
+  int4, hlo = _sharded_sync("int4", parts)
+  np.testing.assert_allclose(int4, _np_int4_sync(parts), atol=1e-4, rtol=1e-5)
+  bound = np.asarray(compress.error_bound(jnp.asarray(parts), "int4"))
+  err = np.abs(int4 - exact)
+  assert (err <= bound + 1e-5).all() and err.max() > 0.05 * bound.max()
+  assert (int4[0, 0] == 0).all()
+  # Hand-derived: a block of 16 with max 7 and integer values is exact (scale 1); one
+  # device carrying it and the others zero gives it back unchanged.
+  one = np.zeros((n, 1, 1, d), np.float32)
+  one[0, 0, 0, :16] = np.arange(-7, 9) % 15 - 7
+  np.testing.assert_array_equal(_sharded_sync("int4", one)[0], one[0])
+  np.testing.assert_allclose(compress.emulated_sum(jnp.asarray(parts), "int4"), int4, atol=1e-5)
+  # The wire: per token, d/2 bytes of nibbles plus 4 bytes per block of 16 (0.75 B/value).
+  assert ("all-to-all", 2 * 3 * (d // 2 + 4 * d // 16)) in tp.collective_payloads(hlo)
+  assert compress.payload_bytes_per_element("int4", d // n) == 0.75
+  q = jnp.asarray(rng.integers(-7, 8, (3, 32)), jnp.int8)
+  np.testing.assert_array_equal(compress.unpack_nibbles(compress.pack_nibbles(q)), q)
+  with pytest.raises(ValueError, match="multiple of INT4_BLOCK=16"):
+    _sharded_sync("int4", parts[..., :32])   # chunks of 8 values
+  with pytest.raises(ValueError, match="multiple of INT4_BLOCK=16"):
+    compress.payload_bytes_per_element("int4", 24)
 
 
 def test_compressed_plan_forward_against_plain_and_emulation():
@@ -202,11 +245,11 @@ def test_compressed_plan_forward_against_plain_and_emulation():
 
 def test_bad_plans_raise_clear_errors():
   with pytest.raises(ValueError, match="unknown compression codec"):
-    tp.SyncPlan((False,), ("int4",))
+    tp.SyncPlan((False,), ("int3",))
   with pytest.raises(ValueError, match="cannot be dropped"):
     tp.SyncPlan.from_actions(["keep"], ["drop"])
   with pytest.raises(ValueError, match="unknown attention action"):
-    tp.SyncPlan.from_actions(["int4"])
+    tp.SyncPlan.from_actions(["fp6"])
   with pytest.raises(ValueError, match="2 attention actions but 1 MLP"):
     tp.SyncPlan.from_actions(["keep", "drop"], ["keep"])
   with pytest.raises(ValueError, match="drop their attention sync and also compress"):

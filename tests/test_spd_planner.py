@@ -64,7 +64,7 @@ def test_planner_rejects_bad_inputs():
   with pytest.raises(ValueError, match=r"never 'drop'"):
     planner.plan_syncs(ev, _cost, L, 0.01, mlp_choices=("drop",))
   with pytest.raises(ValueError, match="unknown or no-op planner choices"):
-    planner.plan_syncs(ev, _cost, L, 0.01, attn_choices=("int4",))
+    planner.plan_syncs(ev, _cost, L, 0.01, attn_choices=("int3",))
   with pytest.raises(ValueError, match="budget must be >= 0"):
     planner.drop_only(ev, _cost, L, float("nan"))
 
