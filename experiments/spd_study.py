@@ -6,9 +6,10 @@ against the fraction of attention syncs dropped, for several TP sizes.
   python -m experiments.spd_study --config=deep    # the 16-block study + sync planner (= --full)
   python -m experiments.spd_study --config=full8   # the earlier 8-block study model
   python -m experiments.spd_study --config=minilm  # all-MiniLM-L6-v2 (needs `make minilm`)
+  python -m experiments.spd_study --config=bytes   # sync bytes per token on the deep model
 
 Finished evaluations are kept in <outdir>/spd_study_cache.json (MiniLM:
-spd_minilm_cache.json): an interrupted run resumes,
+spd_minilm_cache.json, bytes: spd_bytes_cache.json): an interrupted run resumes,
 and a changed config or model starts afresh (the old file is set aside).
 """
 
@@ -18,9 +19,9 @@ from absl import app, flags, logging
 
 from core import report
 from experiments import compile_flags
-from spd_jax import minilm_section, study
+from spd_jax import bytes_study, minilm_section, study
 
-_CONFIG = flags.DEFINE_enum("config", None, list(study.CONFIGS) + ["minilm"],
+_CONFIG = flags.DEFINE_enum("config", None, list(study.CONFIGS) + ["minilm", "bytes"],
                             "Study config (default: quick, or deep with --full).")
 _FULL = flags.DEFINE_bool("full", False, "Same as --config=deep.")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None,
@@ -44,6 +45,11 @@ def main(argv):
     report.write_report_or_exit(f"{_OUTDIR.value}/REPORT.md",
                                 [("spd_minilm", minilm_section.section)], quick=False,
                                 outdir=_OUTDIR.value, echo=True)
+    return
+  if name == "bytes":
+    run = lambda quick, outdir: bytes_study.render(bytes_study.run(outdir), outdir)
+    report.write_report_or_exit(f"{_OUTDIR.value}/REPORT.md", [("spd_bytes", run)],
+                                quick=False, outdir=_OUTDIR.value, echo=True)
     return
   cfg = study.CONFIGS[name]
   over = {}

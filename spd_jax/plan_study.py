@@ -170,5 +170,5 @@ def render(rec: dict, outdir: str, name: str = "spd_planner") -> str:
        f"the budget is checked here), held-out {rec['base_test_ppl']:.4f} (reported). "
        f"TP={rec['n_devices']}; {rec['evaluations']['calibration']} calibration plans measured. "
        "Plan code per study block: attention action then MLP action, K keep, D drop, "
-       "8 int8 payload.", table]
+       "B bf16, 8 int8, 4 int4 payload.", table]
       + [f"![front]({os.path.relpath(f, outdir)})" for f in figs])

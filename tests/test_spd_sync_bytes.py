@@ -31,3 +31,22 @@ def test_bad_inputs_raise():
     sync_bytes.per_token(CFG, tp.SyncPlan.dense(2), 4, plain="fp8")
   with pytest.raises(ValueError, match="multiple of INT4_BLOCK"):
     sync_bytes.per_token(CFG, tp.SyncPlan.from_actions(["int4", "keep"]), 8)
+
+
+def test_bytes_section_renders_the_records(tmp_path):
+  """The section's table and target line show the records (a 4-block, 20-step run of
+  ``bytes_study.run`` saved as a fixture: records, not a claim about any model)."""
+  import json
+  import os
+  from spd_jax import bytes_study
+  with open(os.path.join(os.path.dirname(__file__), "fixtures", "spd_bytes_tiny.json")) as f:
+    res = json.load(f)
+  md = bytes_study.render(res, str(tmp_path)).body
+  plan = next(r for r in res["rows"] if r["name"] == "planner (bytes)" and r["budget"] == 0.01)
+  row = next(l for l in md.splitlines() if l.startswith("| planner (bytes) | 1% |"))
+  cells = [c.strip() for c in row.split("|")[1:-1]]
+  assert cells[3] == f"{plan['bytes']:,.0f}"
+  assert cells[4] == f"{res['dense_f32'] / plan['bytes']:.2f}x"
+  assert cells[6] == f"{plan['test_ppl']:.4f}"
+  assert f"sends {plan['bytes']:,.0f} B/token" in md
+  assert os.path.exists(tmp_path / "figures" / "spd_bytes_front.png")
