@@ -14,8 +14,10 @@ import jax
 
 from core import data, evaluation
 from core.cache import params_fingerprint
-from core.models import CLASSIFIERS, classifier_config, layers, lm, num_params
+from core.models import CLASSIFIERS, classifier_config, ladder, layers, lm, num_params
 from core.train import TrainConfig, train
+
+ARCHITECTURES = {"standard": lm.apply, "ladder": ladder.apply}  # train_lm's wirings
 
 
 @dataclasses.dataclass
@@ -88,9 +90,13 @@ def train_classifier(dataset: str | data.Dataset, model: str, train_cfg: TrainCo
 def train_lm(lm_cfg: lm.LMConfig, train_cfg: TrainConfig, *, seq_len: int | None = None,
              corpus: str = "kjv", eval_windows: int | None = 64,
              workdir: str | None = None, progress: bool = True,
-             restart: bool = False) -> RecipeResult:
+             restart: bool = False, architecture: str = "standard") -> RecipeResult:
   """Trains the byte LM on ``corpus``; evaluates on its held-out books.
-  A ``workdir`` made with another config is refused unless ``restart``."""
+  A ``workdir`` made with another config is refused unless ``restart``.
+  ``architecture``: ``standard`` (``lm.apply``) or ``ladder`` (``core.models.ladder``,
+  the same params wired as Ladder Residual)."""
+  if architecture not in ARCHITECTURES:
+    raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {architecture!r}")
   seq_len = seq_len or lm_cfg.max_seq_len
   if seq_len > lm_cfg.max_seq_len:
     raise ValueError(f"seq_len={seq_len} exceeds max_seq_len={lm_cfg.max_seq_len}")
@@ -98,14 +104,19 @@ def train_lm(lm_cfg: lm.LMConfig, train_cfg: TrainConfig, *, seq_len: int | None
   if not ds.is_text:
     raise ValueError(f"{corpus} is not a text dataset")
   windows = data.text_eval_windows(ds.x_test, seq_len, eval_windows)
-  apply_fn = functools.partial(lm.apply, cfg=lm_cfg)
-  res = train(functools.partial(lm.loss, cfg=lm_cfg), lm.init(jax.random.key(train_cfg.seed), lm_cfg),
+  model_apply = ARCHITECTURES[architecture]
+  apply_fn = functools.partial(model_apply, cfg=lm_cfg)
+  # A ladder run's meta names its architecture (a standard run's stays as before, so
+  # existing checkpoints still resume); either refuses the other's workdir.
+  arch_meta = {} if architecture == "standard" else {"architecture": architecture}
+  res = train(functools.partial(lm.loss, cfg=lm_cfg, apply_fn=model_apply),
+              lm.init(jax.random.key(train_cfg.seed), lm_cfg),
               lambda step: data.text_batch(ds.x_train, train_cfg.batch_size, seq_len,
                                            train_cfg.seed, step),
               train_cfg, workdir=workdir, progress=progress, desc=f"lm/{corpus}",
               eval_fn=lambda p: evaluation.lm_metrics(apply_fn, p, windows),
               run_meta={"model_config": dataclasses.asdict(lm_cfg), "corpus": corpus,
-                        "seq_len": seq_len}, restart=restart)
+                        "seq_len": seq_len, **arch_meta}, restart=restart)
   metrics = dict(res.final_eval, params=num_params(res.params),
                  unigram_loss=evaluation.unigram_loss(ds.x_train, ds.x_test),
                  tokens_per_sec=res.steps_per_sec * train_cfg.batch_size * seq_len)
