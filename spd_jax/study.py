@@ -216,14 +216,16 @@ def residual_ablation(params, cfg: StudyConfig, n: int, windows, cloze_set, orde
   return out
 
 
-def train_model(cfg: StudyConfig, model_dir: str | None = None, progress: bool = True):
+def train_model(cfg: StudyConfig, model_dir: str | None = None, progress: bool = True,
+                architecture: str = "standard"):
   """Trains (or resumes, or just loads) the study's LM in ``model_dir``; also the
-  parent the subcloning study reuses."""
+  parent the subcloning study reuses. ``architecture="ladder"``: the same recipe for
+  the Ladder Residual wiring (``core.models.ladder``)."""
   tcfg = TrainConfig(steps=cfg.train_steps, batch_size=cfg.train_batch, lr=3e-3,
                      warmup_steps=max(1, cfg.train_steps // 10), ckpt_every=100,
                      log_every=max(1, cfg.train_steps // 40))
   return train_lm(cfg.model, tcfg, seq_len=cfg.seq_len, eval_windows=cfg.eval_windows,
-                  workdir=model_dir, progress=progress)
+                  workdir=model_dir, progress=progress, architecture=architecture)
 
 
 def default_model_dir(config: str, outdir: str) -> str:
