@@ -7,9 +7,11 @@ against the fraction of attention syncs dropped, for several TP sizes.
   python -m experiments.spd_study --config=full8   # the earlier 8-block study model
   python -m experiments.spd_study --config=minilm  # all-MiniLM-L6-v2 (needs `make minilm`)
   python -m experiments.spd_study --config=bytes   # sync bytes per token on the deep model
+  python -m experiments.spd_study --config=ladder  # Ladder Residual LM, SPD on it, latency model
 
 Finished evaluations are kept in <outdir>/spd_study_cache.json (MiniLM:
-spd_minilm_cache.json, bytes: spd_bytes_cache.json): an interrupted run resumes,
+spd_minilm_cache.json, bytes: spd_bytes_cache.json, ladder: spd_ladder_cache.json): an
+interrupted run resumes,
 and a changed config or model starts afresh (the old file is set aside).
 """
 
@@ -19,9 +21,9 @@ from absl import app, flags, logging
 
 from core import report
 from experiments import compile_flags
-from spd_jax import bytes_study, minilm_section, study
+from spd_jax import bytes_study, ladder_study, minilm_section, study
 
-_CONFIG = flags.DEFINE_enum("config", None, list(study.CONFIGS) + ["minilm", "bytes"],
+_CONFIG = flags.DEFINE_enum("config", None, list(study.CONFIGS) + ["minilm", "bytes", "ladder"],
                             "Study config (default: quick, or deep with --full).")
 _FULL = flags.DEFINE_bool("full", False, "Same as --config=deep.")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None,
@@ -34,6 +36,10 @@ _TRAIN_STEPS = flags.DEFINE_integer("train_steps", None, "Override LM training s
 _T_ISB = flags.DEFINE_float("t_isb", None, "ISB threshold (relative ppl increase).")
 _T_ESB = flags.DEFINE_float("t_esb", None, "ESB threshold (relative ppl increase).")
 _B2B_STEPS = flags.DEFINE_integer("b2b_steps", None, "B2B distillation steps per block.")
+_LADDER_K = flags.DEFINE_integer(
+    "ladder_spd_blocks", 14, "--config=ladder: study blocks (of 16) whose attention sync the "
+    "standard model's SPD plan drops in the latency comparison (default: the deep study's "
+    "best within 1% perplexity at TP=8, ZS+B2B, docs/RESULTS.md).")
 
 
 def main(argv):
@@ -46,9 +52,11 @@ def main(argv):
                                 [("spd_minilm", minilm_section.section)], quick=False,
                                 outdir=_OUTDIR.value, echo=True)
     return
-  if name == "bytes":
-    run = lambda quick, outdir: bytes_study.render(bytes_study.run(outdir), outdir)
-    report.write_report_or_exit(f"{_OUTDIR.value}/REPORT.md", [("spd_bytes", run)],
+  extra = {"bytes": lambda quick, outdir: bytes_study.render(bytes_study.run(outdir), outdir),
+           "ladder": lambda quick, outdir: ladder_study.render(
+               ladder_study.run(outdir), outdir, _LADDER_K.value)}
+  if name in extra:
+    report.write_report_or_exit(f"{_OUTDIR.value}/REPORT.md", [(f"spd_{name}", extra[name])],
                                 quick=False, outdir=_OUTDIR.value, echo=True)
     return
   cfg = study.CONFIGS[name]

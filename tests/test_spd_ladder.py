@@ -68,3 +68,29 @@ def test_ladder_bad_inputs_raise():
     ladder_tp.make_forward(CFG, sharding.make_mesh(3))
   with pytest.raises(ValueError, match="architecture must be one of"):
     recipes.train_lm(CFG, recipes.TrainConfig(steps=1, warmup_steps=0), architecture="parallel")
+
+
+def test_ladder_latency_model_by_hand():
+  from spd_jax import latency_model as lat
+  m = lat.LLAMA2["7b"]
+  hw = lat.PRESETS["a100-nvlink"]
+  kw = dict(batch=1, new_tokens=64, context=1024)
+  r0 = lat.ladder_latency(m, hw, 8, overlap=0.0, **kw)
+  assert r0["ladder"] == pytest.approx(r0["standard"])   # nothing hidden
+  assert r0["standard"] == pytest.approx(lat.forward_latency(m, hw, 8, **kw)["total"], rel=0.02)
+  t_attn, t_mlp = lat.module_times(m, hw, 8, 64, 1024, 1)
+  t_ar = lat.allreduce_time(64 * m.d_model * 2, 8, hw.alpha, hw.link_bw)
+  r = lat.ladder_latency(m, hw, 8, **kw)
+  # By hand: 2L modules alternate attention and MLP; each all-reduce but the last hides
+  # behind the next module, exposing max(0, t_AR - t_next).
+  exposed = (m.n_layers * max(0.0, t_ar - t_mlp) + (m.n_layers - 1) * max(0.0, t_ar - t_attn)
+             + t_ar)
+  assert r["exposed_comm"] == pytest.approx(exposed)
+  assert r["ladder"] == pytest.approx(r["compute"] + exposed)
+  assert r["standard"] == pytest.approx(r["compute"] + 2 * m.n_layers * t_ar)
+  spd = lat.ladder_latency(m, hw, 8, dropped=[True] * m.n_layers, **kw)
+  assert spd["comm"] == pytest.approx(m.n_layers * t_ar)  # one sync per block
+  with pytest.raises(ValueError, match="overlap must lie in"):
+    lat.ladder_latency(m, hw, 8, overlap=1.5)
+  with pytest.raises(ValueError, match="32 blocks; got 2 drop flags"):
+    lat.ladder_latency(m, hw, 8, dropped=[True, False])
