@@ -94,3 +94,19 @@ def test_ladder_latency_model_by_hand():
     lat.ladder_latency(m, hw, 8, overlap=1.5)
   with pytest.raises(ValueError, match="32 blocks; got 2 drop flags"):
     lat.ladder_latency(m, hw, 8, dropped=[True, False])
+
+
+def test_ladder_section_shows_the_records(tmp_path):
+  from spd_jax import ladder_study
+  res = {"standard": {"perplexity": 3.5}, "ladder": {"perplexity": 3.52}, "n_layers": 16,
+         "spd_on_ladder": {"ppl": [3.52 + 0.01 * k for k in range(17)], "k_within_budget": 3,
+                           "order": list(range(16)), "isolated": [0.0] * 16}}
+  md = ladder_study.render(res, str(tmp_path), k_standard=14).body
+  assert "ladder 3.520, standard 3.500 (+0.57%; target within 1%: met)" in md
+  rows = ladder_study.latency_rows(16, 14, 3)
+  r = next(x for x in rows if x["hardware"] == "h100-nvlink" and x["phase"] == "decode")
+  line = next(l for l in md.splitlines() if l.startswith("| h100-nvlink | decode |"))
+  cells = [c.strip() for c in line.split("|")[1:-1]]
+  assert cells[4:] == [f"{100 * r['spd']:.1f}%", f"{100 * r['ladder']:.1f}%",
+                       f"{100 * r['ladder_spd']:.1f}%"]
+  assert r["ladder_spd"] >= r["ladder"] - 1e-12  # dropping syncs never adds modelled time
