@@ -43,6 +43,15 @@ def _check_spd_tour(out: str) -> None:
                                           out).groups())
   assert planned <= dropped
   assert _floats(r"perplexity ([+-][\d.]+)% vs budget", out)[0] <= 0.1
+  # By hand, 8 syncs (4 blocks) at TP=4, D=128: int4 2 * 3/4 * 128 * (1/2 + 4/16) = 144 B
+  # each, float32 2 * 3/4 * 128 * 4 = 768 B each.
+  assert re.search(r"int4: 1152 B/token by formula, 1152 from the decode HLO", out)
+  assert re.search(r"float32: 6144 B/token by formula, 6144 from the decode HLO", out)
+  bert_lines = re.findall(r"BERT TP=4, (\d) dropped: (\d+) all-reduces, max \|TP - dense\| = ([\d.e+-]+)", out)
+  assert [(k, n) for k, n, _ in bert_lines] == [("0", "4"), ("2", "2")]
+  assert float(bert_lines[0][2]) < 1e-5 and float(bert_lines[1][2]) > 0
+  assert _floats(r"ladder TP=4: max \|TP - unsharded\| = ([\d.e+-]+)", out)[0] < 1e-4
+  assert 10 < _floats(r"modelled ladder latency reduction, 70B decode on 8 H100: ([\d.]+)%", out)[0] < 60
 
 
 def _check_rapidnn_tour(out: str) -> None:
