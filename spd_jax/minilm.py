@@ -10,9 +10,10 @@ length 64.
   drop in mean embedding cosine (to the dense model) when only its sync is
   dropped, zero-shot; blocks are dropped from least to most sensitive. B2B and
   head grouping are fitted here too.
-* Validation: held-out-book verses; the budget rule is applied here: the largest
-  number of blocks k such that k and every smaller k keep top-1 retrieval
-  agreement >= ``min_top1`` and mean cosine >= ``min_cos``.
+* Validation: held-out-book verses; the budget rule is applied here
+  (``minilm_section.budget_rows``): the largest number of blocks k such that k and
+  every smaller k keep top-1 retrieval agreement >= ``min_top1`` and mean cosine
+  >= ``min_cos``.
 * Test: other held-out-book verses; every number reported, the chosen k's included.
 Metrics against the dense model: mean cosine of the sentence embedding and
 retrieval agreement (each verse queries the others: same nearest neighbour as
@@ -37,7 +38,6 @@ from core import data, pretrained
 from core.cache import RunCache, params_fingerprint
 from core.models import bert
 from spd_jax import bert_tp, plan_study, strategies
-from spd_jax.study import largest_passing_prefix
 from spd_jax.tp import SyncPlan
 from subclone import minilm as sub_minilm
 
@@ -110,10 +110,6 @@ def embedder(cfg: bert.BertConfig, n_devices: int, chunk: int
   return run
 
 
-def passes(rec: dict, cfg: MiniLMStudy) -> bool:
-  return rec["top1"] >= cfg.min_top1 and rec["cos"] >= cfg.min_cos
-
-
 def _say(progress: bool, msg: str) -> None:
   if progress:
     tqdm.write(f"[spd minilm] {msg}")
@@ -154,8 +150,7 @@ def study_tp(params, mcfg: bert.BertConfig, cfg: MiniLMStudy, n: int, v: Verses,
         return {split: score(emb(p, getattr(v, split), drop), dense[split])
                 for split in ("val", "test")}
       scan[s].append(runs.get(f"tp{n}/scan/{s}/{k}", evaluate))
-  chosen = {s: largest_passing_prefix([passes(e["val"], cfg) for e in scan[s]]) for s in STRATEGIES}
-  return {"sensitivity": sens, "order": order, "scan": scan, "chosen_k": chosen}
+  return {"sensitivity": sens, "order": order, "scan": scan}
 
 
 def run(cfg: MiniLMStudy, cache_path: str | None, progress: bool = True) -> dict:

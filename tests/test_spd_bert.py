@@ -1,6 +1,8 @@
 """Tensor-parallel BERT with droppable syncs (spd_jax.bert_tp) against the dense
 model, a per-device NumPy reference, and the compiled HLO's all-reduces."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +108,24 @@ def test_minilm_tp_equals_dense():
   out = bert_tp.make_forward(cfg, mesh)(sharding.shard_params(params, mesh), ids, mask)
   dense = bert.sentence_embedding(params, ids, mask, cfg)
   np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_minilm_section_applies_the_budget_on_validation_and_reports_test(tmp_path):
+  from spd_jax import minilm, minilm_section
+  rec = lambda t1, cos: {"top1": t1, "top1_se": 0.01, "cos": cos, "cos_se": 0.001,
+                         "cos_min": cos, "top10": t1, "n": 100}
+  # Validation passes at k=1 for every strategy but fails at k=2; test scores differ.
+  scan = [{"val": rec(1.0, 1.0), "test": rec(1.0, 1.0)},
+          {"val": rec(0.96, 0.995), "test": rec(0.93, 0.994)},
+          {"val": rec(0.90, 0.992), "test": rec(0.97, 0.999)}]
+  res = {"config": dataclasses.asdict(minilm.MiniLMStudy()), "n_layers": 2, "results": {
+      "4": {"sensitivity": {"isolated": [0.01, 0.02]}, "order": [0, 1],
+            "scan": {s: scan for s in minilm.STRATEGIES}}}}
+  rows = minilm_section.budget_rows(res)
+  assert all(r["k"] == 1 and r["top1"] == 0.93 for r in rows)  # chosen on val, test reported
+  assert all(r["k"] == 2 for r in minilm_section.budget_rows(res, min_top1=0.0))
+  md = minilm_section.render(res, str(tmp_path)).body
+  line = next(l for l in md.splitlines() if l.startswith("| TP=4 | ZS+B2B |") and "of 2" in l)
+  assert [c.strip() for c in line.split("|")[3:8]] == ["1 of 2 (50%)", "93.0±1.0", "0.9940",
+                                                       "2 of 2 (100%)", "0.9990"]
+  assert "50% -- met." in md
