@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from core import multiprocess
 from core.models import lm
+from spd_jax import ladder as ladder_tp
 from spd_jax import sharding, tp
 
 
@@ -32,6 +33,7 @@ class BenchConfig:
   codecs: tuple[str, ...] = ("bf16", "int8", "int4")  # every sync compressed, none dropped
   algorithms: tuple[str, ...] = ("two_shot", "one_shot")  # compress.ALGORITHMS
   ar_sizes: tuple[int, ...] = (256, 4096, 65536, 262144, 1048576)  # float32 elements
+  ladder: bool = False  # also time the Ladder Residual wiring (plain, and half the syncs dropped)
 
 
 # Quick: three drop fractions and int8 by both algorithms keep the six variants (and the
@@ -40,7 +42,7 @@ QUICK = BenchConfig(lm.LMConfig(d_model=256, n_layers=8, n_heads=8, d_ff=768, ma
                     batch=4, prompt_len=64, decode_steps=16, repeats=5, fractions=(0.0, 0.5, 1.0),
                     codecs=("int8",))
 FULL = BenchConfig(lm.LMConfig(d_model=512, n_layers=8, n_heads=8, d_ff=1536, max_seq_len=256),
-                   batch=8, prompt_len=128, decode_steps=32, repeats=15)
+                   batch=8, prompt_len=128, decode_steps=32, repeats=15, ladder=True)
 
 
 def _timed(fn) -> float:
@@ -74,10 +76,17 @@ def worker(cfg_kwargs: dict, bench_kwargs: dict) -> dict:
           "plan": tp.SyncPlan((False,) * cfg.n_layers, every, every), "no_sync": False,
           "algorithm": alg}
   variants["no-sync"] = {"plan": tp.SyncPlan.dense(cfg.n_layers), "no_sync": True}
+  if bench.ladder:  # same params, the ladder wiring (XLA may overlap or merge its syncs)
+    for f in (0.0, 0.5):
+      variants[f"ladder, {int(round(f * 100))}% dropped"] = {
+          "plan": tp.SyncPlan.drop_fraction(cfg.n_layers, f), "no_sync": False, "ladder": True}
 
   for v in variants.values():
-    fwd = tp.make_forward(cfg, mesh, v["plan"], with_cache=True, no_sync=v["no_sync"],
-                          compressed_algorithm=v.get("algorithm", "two_shot"))
+    if v.get("ladder"):
+      fwd = ladder_tp.make_forward(cfg, mesh, v["plan"].drop_attn, with_cache=True)
+    else:
+      fwd = tp.make_forward(cfg, mesh, v["plan"], with_cache=True, no_sync=v["no_sync"],
+                            compressed_algorithm=v.get("algorithm", "two_shot"))
     cache = tp.init_cache(cfg, mesh, bench.batch, max_len)
     hlo = fwd.lower(params, prompt, cache, pos0).compile().as_text()
     v["all_reduces"] = tp.count_all_reduces(hlo)

@@ -53,9 +53,13 @@ def test_loopback_benchmark_runs_and_counts_all_reduces():
   bench = latency_bench.BenchConfig(
       lm.LMConfig(d_model=32, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16),
       batch=1, prompt_len=4, decode_steps=2, repeats=1, fractions=(0.0, 1.0), ar_sizes=(16, 64),
-      codecs=("int8",))
+      codecs=("int8",), ladder=True)
   res = latency_bench.run(bench, 2, timeout=180)
   rows = res["rows"]
+  # The ladder sends what the standard model sends (same syncs, rewired); half dropped: 3 of 4.
+  assert rows["ladder, 0% dropped"]["sent_bytes"] == rows["0%"]["sent_bytes"]
+  assert rows["ladder, 50% dropped"]["sent_bytes"] == 0.75 * rows["0%"]["sent_bytes"]
+  rows = {k: r for k, r in rows.items() if not k.startswith("ladder")}
   two, one = rows["int8 syncs, two-shot"], rows["int8 syncs, one-shot"]
   assert {k: r["all_reduces"] for k, r in rows.items()} == {  # 2L - dropped; int8: none
       "0%": 4, "100%": 2, "int8 syncs, two-shot": 0, "int8 syncs, one-shot": 0, "no-sync": 0}
