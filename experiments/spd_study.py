@@ -17,6 +17,7 @@ and a changed config or model starts afresh (the old file is set aside).
 
 import dataclasses
 
+import jax
 from absl import app, flags, logging
 
 from core import report
@@ -44,6 +45,8 @@ _LADDER_K = flags.DEFINE_integer(
 
 def main(argv):
   del argv
+  if _CONFIG.value == "bytes":  # the HLO check compiles the TP=8 forward: 8 CPU devices
+    jax.config.update("jax_num_cpu_devices", 8)
   compile_flags.setup()
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   name = _CONFIG.value or ("deep" if _FULL.value else "quick")
