@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from core import guards
 from core.models import layers, lm
 from spd_jax import compress, sharding
 from spd_jax.tp import ACTION_CODES, RESIDUAL_MODES, SyncPlan
@@ -87,9 +88,21 @@ def apply_masked(params: dict, tokens_BxL: jax.Array, cfg: lm.LMConfig, drop_L: 
 
 
 def _sync(parts_NxBxLxD: jax.Array, code: jax.Array) -> jax.Array:
-  """The sum the devices' sync delivers, for a traced action code (keep or a codec)."""
-  branches = [lambda a: jnp.sum(a, 0)] + [
-      lambda a, c=c: compress.emulated_sum(a, c) for c in compress.CODECS]
+  """The sum the devices' sync delivers, for a traced action code (keep or a codec).
+  A codec this shape cannot carry (int4 with chunks not a multiple of its block) gets a
+  branch that raises when a plan selects it, so other plans still run on the model."""
+  chunk = parts_NxBxLxD.shape[-1] // parts_NxBxLxD.shape[0]
+
+  def branch(c):
+    if c == "int4" and chunk % compress.INT4_BLOCK:
+      def refuse(a):
+        guards.require(lambda _: False, lambda _: (
+            f"an int4 sync needs chunks of a multiple of INT4_BLOCK={compress.INT4_BLOCK} "
+            f"values; this model's are {chunk} (hidden size / TP size)"), code)
+        return jnp.sum(a, 0)
+      return refuse
+    return lambda a: compress.emulated_sum(a, c)
+  branches = [lambda a: jnp.sum(a, 0)] + [branch(c) for c in compress.CODECS]
   return jax.lax.switch(jnp.maximum(code - 1, 0), branches, parts_NxBxLxD)
 
 

@@ -38,20 +38,3 @@ import jax  # noqa: E402  (after XLA_FLAGS: the backend reads them when it start
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_threefry_partitionable", False)
 
-
-# The longest tests (minutes of the suite, measured with --durations) run first: xdist's
-# worksteal hands each worker a contiguous share of the collection and lets an idle worker
-# take the tail of another's, so long tests queued first keep both workers busy to the
-# end instead of one running a long test alone while the other idles (longest first).
-LONG_FIRST = (
-    "test_curtail_study.py", "test_notebooks.py", "test_curtail_adaptive.py",
-    "test_cleann_shield.py", "test_cleann_general.py", "test_subclone.py",
-    "test_spd_study.py", "test_codex.py", "test_spd_latency.py", "test_accel_interpret.py",
-    "test_train.py", "test_report.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(LONG_FIRST)}
-  key = lambda it: rank.get(os.path.basename(str(it.fspath)), len(LONG_FIRST))
-  items[:] = sorted(items, key=key)  # stable: the rest keep their order

@@ -260,3 +260,17 @@ def test_bad_plans_raise_clear_errors():
     compress.payload_bytes_per_element("fp8", 16)
   with pytest.raises(ValueError, match="nor is TP a multiple"):
     sharding.check_tp_size(lm.LMConfig(d_model=48, n_heads=6, n_kv_heads=3, d_ff=48), 2 * 2)
+
+
+def test_plans_emulate_where_int4_cannot_go_and_int4_there_raises():
+  """d=32 at TP=4: chunks of 8, too small for int4's block of 16. Other plans still run in
+  the one compiled emulation; a plan that selects int4 raises a clear error."""
+  cfg = lm.LMConfig(d_model=32, n_layers=1, n_heads=4, d_ff=32, max_seq_len=16)
+  params = lm.init(jax.random.key(0), cfg)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  f = jax.jit(emulate.apply_plan, static_argnums=(2, 5))
+  a, m = tp.SyncPlan.from_actions(["int8"]).codes()
+  assert np.isfinite(np.asarray(f(params, tokens, cfg, a, m, 4))).all()
+  a, m = tp.SyncPlan.from_actions(["int4"]).codes()
+  with pytest.raises(Exception, match="multiple of INT4_BLOCK=16"):
+    jax.block_until_ready(f(params, tokens, cfg, a, m, 4))
