@@ -66,14 +66,8 @@ def verses(plan: MiniLMPlan) -> Verses:
   """Calibration verses from the training books; validation and test from the
   held-out books (disjoint)."""
   tok = pretrained.WordPiece(pretrained.minilm_dir(), plan.max_len, fixed=True)
-  train, held = data.kjv_verses(False), data.kjv_verses(True)
-  rng = np.random.default_rng(25)
-  train = [train[i] for i in rng.permutation(len(train))[:plan.n_calib]]
-  held = [held[i] for i in rng.permutation(len(held))]
-  if len(held) < plan.n_val + plan.n_test:
-    raise ValueError(f"{len(held)} held-out verses < n_val + n_test")
-  return Verses(tok(train), tok(held[:plan.n_val]),
-                tok(held[plan.n_val:plan.n_val + plan.n_test]))
+  train, val, test = data.kjv_verse_splits(plan.n_calib, plan.n_val, plan.n_test, seed=25)
+  return Verses(tok(train), tok(val), tok(test))
 
 
 def _cosines(e: np.ndarray, e0: np.ndarray) -> np.ndarray:

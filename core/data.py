@@ -248,3 +248,16 @@ def text_eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None 
     n = min(n, max_windows)
   idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None]
   return tokens[idx].astype(np.int32)
+
+
+def kjv_verse_splits(n_calib: int, n_val: int, n_test: int, seed: int
+                     ) -> tuple[list[str], list[str], list[str]]:
+  """Calibration verses from the training books; validation and test verses (disjoint)
+  from the held-out books; each a seeded random draw (the MiniLM studies' protocol)."""
+  train, held = kjv_verses(False), kjv_verses(True)
+  rng = np.random.default_rng(seed)
+  train = [train[i] for i in rng.permutation(len(train))[:n_calib]]
+  held = [held[i] for i in rng.permutation(len(held))]
+  if len(held) < n_val + n_test:
+    raise ValueError(f"{len(held)} held-out verses < n_val + n_test = {n_val + n_test}")
+  return train, held[:n_val], held[n_val:n_val + n_test]

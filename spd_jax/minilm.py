@@ -79,13 +79,8 @@ def verses(cfg: MiniLMStudy) -> Verses:
   """Calibration from the training books; validation and test from the held-out books
   (disjoint)."""
   tok = pretrained.WordPiece(pretrained.minilm_dir(), cfg.max_len, fixed=True)
-  train, held = data.kjv_verses(False), data.kjv_verses(True)
-  rng = np.random.default_rng(26)
-  train = [train[i] for i in rng.permutation(len(train))[:cfg.n_calib]]
-  held = [held[i] for i in rng.permutation(len(held))]
-  if len(held) < cfg.n_val + cfg.n_test:
-    raise ValueError(f"{len(held)} held-out verses < n_val + n_test")
-  return Verses(tok(train), tok(held[:cfg.n_val]), tok(held[cfg.n_val:cfg.n_val + cfg.n_test]))
+  train, val, test = data.kjv_verse_splits(cfg.n_calib, cfg.n_val, cfg.n_test, seed=26)
+  return Verses(tok(train), tok(val), tok(test))
 
 
 def score(e: np.ndarray, e0: np.ndarray) -> dict:
