@@ -24,13 +24,12 @@ import jax
 from core import data, evaluation, report
 from core.cache import RunCache, params_fingerprint
 from core.models import ladder
-from spd_jax import latency_model, sensitivity, study
+from spd_jax import latency_model, plan_study, sensitivity, study
 from spd_jax.study import largest_passing_prefix
 
 SETTINGS = (("a100-nvlink", "prefill"), ("a100-nvlink", "decode"), ("h100-nvlink", "prefill"),
             ("h100-nvlink", "decode"), ("a100-pcie", "prefill"), ("a100-pcie", "decode"))
-PHASES = {"prefill": dict(batch=1, new_tokens=1024, context=1024),
-          "decode": dict(batch=1, new_tokens=1, context=1024)}
+PHASES = plan_study.PHASES  # the planner's settings: batch 1, 1,024-token prefill or one step
 BUDGET = 0.01
 
 
